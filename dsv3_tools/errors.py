@@ -1,0 +1,99 @@
+"""Typed user-facing errors.
+
+Every error a user can cause (bad input, a broken checkpoint, a full disk) is a ``Dsv3Error``; the CLI maps
+each to a one-line message and exit code 2. ``assert`` is kept for internal invariants only.
+"""
+
+from __future__ import annotations
+
+
+class Dsv3Error(Exception):
+    """Base class of every error caused by input rather than by a bug."""
+
+    exit_code = 2
+
+
+class ConfigError(Dsv3Error):
+    """A config.json that is unreadable, has unknown fields or contradicts itself."""
+
+
+class CheckpointError(Dsv3Error):
+    """A checkpoint problem; names the file and/or tensor it concerns."""
+
+    kind = "checkpoint"
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None) -> None:
+        self.file = file
+        self.tensor = tensor
+        self.detail = message
+        where = []
+        if tensor:
+            where.append(f"tensor {tensor!r}")
+        if file:
+            where.append(f"file {file!r}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "file": self.file, "tensor": self.tensor, "message": self.detail}
+
+
+class LayoutError(CheckpointError):
+    kind = "layout"
+
+
+class MissingFileError(CheckpointError):
+    kind = "missing_file"
+
+
+class UnsafePathError(CheckpointError):
+    kind = "unsafe_path"
+
+
+class HeaderError(CheckpointError):
+    kind = "bad_header"
+
+
+class TruncatedFileError(CheckpointError):
+    kind = "truncated"
+
+
+class MissingScaleError(CheckpointError):
+    kind = "missing_scale"
+
+
+class OrphanScaleError(CheckpointError):
+    kind = "orphan_scale"
+
+
+class ScaleShapeError(CheckpointError):
+    kind = "scale_shape"
+
+
+class MissingTensorError(CheckpointError):
+    kind = "missing_tensor"
+
+
+class UnexpectedTensorError(CheckpointError):
+    kind = "unexpected_tensor"
+
+
+class TensorSpecError(CheckpointError):
+    """Shape or dtype differs from what the config implies."""
+
+    kind = "tensor_spec"
+
+
+class IndexMismatchError(CheckpointError):
+    kind = "index_mismatch"
+
+
+class UnknownNameError(CheckpointError):
+    kind = "unknown_name"
+
+
+class OutputError(Dsv3Error):
+    """The destination cannot be written (not empty, not enough space, ...)."""
+
+
+class ShardingError(Dsv3Error):
+    """A model-parallel degree that the checkpoint cannot be split into."""

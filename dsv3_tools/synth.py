@@ -1,0 +1,324 @@
+"""Synthetic checkpoints in the exact Hugging Face format of the family, for tests, the demo and benchmarks.
+
+Weights have realistic magnitudes (fan-in scaled, with a different magnitude per 128x128 block so that scale
+mistakes show), FP8 weights are block-quantized by the reference quantizer, at least one scale is stored in
+a different file from its weight, and the folder carries config, generation config, a small byte-level BPE
+tokenizer and an index with ``total_size``. Same seed, same bytes. Tensors are generated and written one at
+a time, so memory stays at one tensor even for real V3 shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+from . import names as N
+from .checkpoint import INDEX_NAME
+from .config import ModelConfig, QuantConfig
+from .errors import ConfigError, OutputError
+from .writer import SafetensorsWriter, write_json_atomic
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SynthReport:
+    path: str
+    files: int
+    tensors: int
+    bytes: int
+    dtype: str
+    config: str
+
+
+def derive_config(
+    cfg: ModelConfig,
+    *,
+    dtype: str = "fp8",
+    scale_fmt: str | None = None,
+    layers: int | None = None,
+    experts: int | None = None,
+    mtp: int | None = None,
+) -> ModelConfig:
+    """The geometry synth writes: ``cfg`` at the requested dtype, depth and expert count."""
+    if layers is not None:
+        if layers < 1:
+            raise ConfigError("--layers must be >= 1")
+        cfg = cfg.with_layers(layers, mtp)
+    elif mtp is not None:
+        cfg = replace(cfg, num_nextn_predict_layers=mtp)
+    if experts is not None:
+        if experts < 1:
+            raise ConfigError("--experts must be >= 1")
+        groups = cfg.n_group if experts % cfg.n_group == 0 and experts // cfg.n_group >= 2 else 1
+        cfg = replace(
+            cfg,
+            n_routed_experts=experts,
+            n_group=groups,
+            topk_group=min(cfg.topk_group, groups),
+            num_experts_per_tok=min(cfg.num_experts_per_tok, experts),
+        )
+    if dtype == "fp8":
+        block = cfg.quant.block if cfg.quant else (128, 128)
+        cfg = replace(cfg, quant=QuantConfig(block=block, scale_fmt=scale_fmt or (cfg.quant.scale_fmt if cfg.quant else None)))
+    elif dtype == "bf16":
+        if scale_fmt:
+            raise ConfigError("--scale-fmt applies to --dtype fp8 only")
+        cfg = replace(cfg, quant=None)
+    else:
+        raise ConfigError(f"--dtype must be fp8 or bf16, got {dtype!r}")
+    # Re-run the config's own checks on the derived geometry.
+    return ModelConfig.from_dict(cfg.to_hf_dict())
+
+
+def _gen(seed: int, name: str) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF)
+    return g
+
+
+def master_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The full-precision value synth stores for ``name`` (before any FP8 quantization)."""
+    g = _gen(seed, name)
+    n = N.parse_hf(name)
+    leaf, hf = n.leaf, n.module.hf
+    if leaf == "e_score_correction_bias":
+        return (torch.randn(shape, generator=g) * 0.05).float()
+    if len(shape) == 1:  # norms (and the indexer LayerNorm bias)
+        if leaf == "bias":
+            return torch.randn(shape, generator=g) * 0.02
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if hf.endswith("embed_tokens"):
+        return torch.randn(shape, generator=g)
+    fan_in = shape[1]
+    w = torch.randn(shape, generator=g) / fan_in**0.5
+    if n.module.quantized:
+        # A different magnitude per 128x128 block, so that a scale applied to the wrong block shows.
+        b0, b1 = cfg.block_size
+        gm, gn = -(-shape[0] // b0), -(-shape[1] // b1)
+        f = torch.exp2(torch.rand((gm, gn), generator=g) * 2 - 1)
+        w = w * f.repeat_interleave(b0, 0)[: shape[0]].repeat_interleave(b1, 1)[:, : shape[1]]
+    return w
+
+
+def _plan_files(specs: list[N.TensorSpec], shards: int) -> list[list[N.TensorSpec]]:
+    """Split tensors into ``shards`` files by bytes, keeping order; then move one scale to the next file."""
+    from .checkpoint import DTYPE_SIZE
+
+    sizes = []
+    for s in specs:
+        n = DTYPE_SIZE[s.dtype]
+        for d in s.shape:
+            n *= d
+        sizes.append(n)
+    total = sum(sizes)
+    files: list[list[N.TensorSpec]] = [[] for _ in range(shards)]
+    acc = 0
+    for spec, size in zip(specs, sizes):
+        idx = min(shards - 1, acc * shards // max(total, 1))
+        files[idx].append(spec)
+        acc += size
+    files = [f for f in files if f]
+    if len(files) > 1:
+        # Real V3 files put some weights and their scales in different files: do the same on purpose.
+        for i in range(len(files) - 1):
+            last_w = [s for s in files[i] if s.scale and any(t.name == s.scale for t in files[i])]
+            if last_w:
+                w = last_w[-1]
+                sc = next(t for t in files[i] if t.name == w.scale)
+                files[i].remove(sc)
+                files[i + 1].insert(0, sc)
+                break
+    return files
+
+
+def shard_file_name(i: int, k: int) -> str:
+    return f"model-{i + 1:05d}-of-{k:06d}.safetensors"
+
+
+def synth(
+    out: str | Path,
+    config: str | ModelConfig = "tiny",
+    *,
+    dtype: str = "fp8",
+    seed: int = 0,
+    shards: int = 4,
+    layers: int | None = None,
+    experts: int | None = None,
+    mtp: int | None = None,
+    scale_fmt: str | None = None,
+    progress: Progress | None = None,
+) -> SynthReport:
+    """Write a synthetic checkpoint of ``config`` into the new folder ``out``."""
+    base = config if isinstance(config, ModelConfig) else ModelConfig.load(config)
+    cfg = derive_config(base, dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp)
+    if shards < 1:
+        raise ConfigError("--shards must be >= 1")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise OutputError(f"{out} is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+
+    specs = list(N.expected_tensors(cfg).values())
+    files = _plan_files(specs, shards)
+    k = len(files)
+    weight_map: dict[str, str] = {}
+    total = 0
+    block = cfg.block_size
+    scale_fmt = cfg.quant.scale_fmt if cfg.quant else None
+    pending: dict[str, torch.Tensor] = {}  # scales computed with their weight but stored in a later file
+    for i, group in enumerate(files):
+        fname = shard_file_name(i, k) if k > 1 else "model.safetensors"
+        w = SafetensorsWriter(out / fname, [(s.name, s.dtype, s.shape) for s in group], {"format": "pt"})
+        try:
+            for spec in group:
+                if spec.name in pending:
+                    t = pending.pop(spec.name)
+                elif spec.dtype == "F8_E4M3":
+                    q, s = weight_quant_ref(master_weight(cfg, spec.name, spec.shape, seed), block, scale_fmt)
+                    t = q
+                    pending[spec.scale] = s
+                elif spec.name.endswith("_scale_inv"):
+                    wspec = next(x for x in specs if x.name == spec.name.removesuffix("_scale_inv"))
+                    _, t = weight_quant_ref(master_weight(cfg, wspec.name, wspec.shape, seed), block, scale_fmt)
+                else:
+                    dt = torch.float32 if spec.dtype == "F32" else torch.bfloat16
+                    t = master_weight(cfg, spec.name, spec.shape, seed).to(dt)
+                w.write(spec.name, t)
+                weight_map[spec.name] = fname
+                nbytes = t.numel() * t.element_size()
+                total += nbytes
+                if progress:
+                    progress(nbytes)
+            w.finish()
+        except BaseException:
+            w.abort()
+            raise
+    if k > 1:
+        write_json_atomic(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json_atomic(out / "config.json", cfg.to_hf_dict())
+    write_json_atomic(
+        out / "generation_config.json",
+        {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.95},
+    )
+    write_tokenizer(out, cfg.vocab_size)
+    (out / "README.md").write_text(
+        f"# Synthetic {cfg.model_type} checkpoint\n\nWritten by `dsv3-tools synth` (seed {seed}, {dtype}). Random weights.\n"
+    )
+    (out / "LICENSE").write_text("Synthetic weights generated by dsv3-tools; no rights reserved.\n")
+    return SynthReport(str(out), k, len(specs), total, dtype, cfg.model_type)
+
+
+# ---------------------------------------------------------------------- tokenizer
+def _byte_chars() -> list[str]:
+    """The byte-level BPE alphabet: a printable character for each byte value."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+_MERGE_WORDS = (
+    "the and that with this from have model weight layer token expert check value tensor scale shard cast "
+    "verify deep seek hello world what is time number code quick brown fox jumps over lazy dog"
+).split()
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A small byte-level BPE ``tokenizer.json`` (loadable by the ``tokenizers`` library) and its config."""
+    alphabet = _byte_chars()
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    merges: list[list[str]] = []
+    limit = min(vocab_size, 1024)
+    space = alphabet[ord(" ")]
+    for word in _MERGE_WORDS:
+        toks = [space] + [alphabet[b] for b in word.encode()]
+        cur = toks[0]
+        for t in toks[1:]:
+            new = cur + t
+            if new not in vocab:
+                if len(vocab) >= limit:
+                    break
+                merges.append([cur, t])
+                vocab[new] = len(vocab)
+            cur = new
+    if len(vocab) > vocab_size:
+        raise ConfigError(f"vocab_size {vocab_size} is too small for the synthetic tokenizer ({len(vocab)} tokens)")
+    special = [
+        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        for c, i in ((BOS, 0), (EOS, 1))
+    ]
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": BOS, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {BOS: {"id": BOS, "ids": [0], "tokens": [BOS]}},
+        },
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+    write_json_atomic(out / "tokenizer.json", tok)
+    write_json_atomic(
+        out / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 16384,
+            "tokenizer_class": "LlamaTokenizerFast",
+        },
+    )
+
+
+def folder_digest(path: str | Path) -> str:
+    """sha256 over every file's name and bytes (tests: same seed, same bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(path).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny synthetic checkpoints in the exact HF format, made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton has no CPU backend: its interpreter runs the kernels on numpy. Must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dsv3_tools.synth import synth  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config, FP8 with f32 scales, 4 files (one scale stored apart from its weight). Read-only."""
+    p = tmp_path_factory.mktemp("ck") / "tiny-fp8"
+    synth(p, "tiny", dtype="fp8", seed=0, shards=4)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_fp8_ue8m0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config, FP8 with power-of-two (ue8m0) scales, V3.1 style. Read-only."""
+    p = tmp_path_factory.mktemp("ck") / "tiny-fp8-ue8m0"
+    synth(p, "tiny", dtype="fp8", seed=1, shards=3, scale_fmt="ue8m0")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config in BF16 (no scales), 2 files. Read-only."""
+    p = tmp_path_factory.mktemp("ck") / "tiny-bf16"
+    synth(p, "tiny", dtype="bf16", seed=0, shards=2)
+    return p
