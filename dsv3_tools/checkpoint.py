@@ -205,7 +205,9 @@ class Checkpoint:
         except KeyError:
             raise MissingTensorError("not in this checkpoint", tensor=name) from None
 
-    def read_bytes(self, info: TensorInfo, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_bytes(
+        self, info: TensorInfo, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Bytes [start, stop) of a tensor's data as a uint8 tensor (into ``out`` when given)."""
         stop = info.nbytes if stop is None else stop
         n = stop - start
@@ -447,7 +449,7 @@ def validate_scales(ck: Checkpoint, problem) -> None:
                 continue
             shape = _full_shape(ck, name)
             grid = tuple(-(-d // b) for d, b in zip(shape, block)) if len(shape) == 2 else None
-            sshape = _full_shape(ck, s.name)
+            sshape = _full_shape(ck, N.scale_name(name))  # keyed by HF name (s.name is the MP name in that layout)
             if s.dtype != "F32" or grid is None or sshape != grid:
                 problem(
                     ScaleShapeError(
@@ -480,7 +482,9 @@ def validate(ck: Checkpoint, problem) -> None:
     expected = N.expected_tensors(cfg, mtp=has_mtp_tensors or ck.layout != "mp")
     fp8_in_files = any(i.dtype == "F8_E4M3" for i in ck.tensors.values())
     if cfg.is_fp8 and not fp8_in_files and ck.tensors:
-        problem(TensorSpecError("config.json declares quantization_config (FP8) but no tensor is FP8", file="config.json"))
+        problem(
+            TensorSpecError("config.json declares quantization_config (FP8) but no tensor is FP8", file="config.json")
+        )
         return
     if not cfg.is_fp8 and fp8_in_files:
         problem(TensorSpecError("FP8 tensors present but config.json has no quantization_config", file="config.json"))
@@ -505,12 +509,16 @@ def validate(ck: Checkpoint, problem) -> None:
                 exp_parts = 1 if n.split == N.EXPERT else ck.world
                 if want != exp_parts:
                     problem(
-                        TensorSpecError(f"found in {want} rank files, expected {exp_parts}", file=info.file, tensor=name)
+                        TensorSpecError(
+                            f"found in {want} rank files, expected {exp_parts}", file=info.file, tensor=name
+                        )
                     )
         if shape != spec.shape or (info.dtype != spec.dtype and info.dtype not in spec.alt_dtypes):
             problem(
                 TensorSpecError(
-                    f"is {info.dtype}{list(shape)}, expected {spec.dtype}{list(spec.shape)}", file=info.file, tensor=name
+                    f"is {info.dtype}{list(shape)}, expected {spec.dtype}{list(spec.shape)}",
+                    file=info.file,
+                    tensor=name,
                 )
             )
     for name, spec in expected.items():

@@ -199,10 +199,18 @@ class ModelConfig:
             if f.name in ("raw", "rope_scaling", "quant"):
                 continue
             v = getattr(self, f.name)
-            if v is None and f.name in ("index_n_heads", "index_head_dim", "index_topk", "bos_token_id", "eos_token_id"):
+            if v is None and f.name in (
+                "index_n_heads",
+                "index_head_dim",
+                "index_topk",
+                "bos_token_id",
+                "eos_token_id",
+            ):
                 continue
             out[f.name] = v
-        out.setdefault("architectures", ["DeepseekV3ForCausalLM" if self.model_type != "deepseek_v2" else "DeepseekV2ForCausalLM"])
+        out.setdefault(
+            "architectures", ["DeepseekV3ForCausalLM" if self.model_type != "deepseek_v2" else "DeepseekV2ForCausalLM"]
+        )
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             out["rope_scaling"] = {
@@ -343,8 +351,20 @@ def _parse_rope(d: dict) -> tuple[RopeScaling | None, float]:
         return None, theta
     if rtype != "yarn":
         raise ConfigError(f"unsupported rope type {rtype!r} (this family uses 'yarn')")
-    known = {"type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
-             "mscale", "mscale_all_dim", "partial_rotary_factor", "truncate", "attention_factor"}
+    known = {
+        "type",
+        "rope_type",
+        "rope_theta",
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "partial_rotary_factor",
+        "truncate",
+        "attention_factor",
+    }
     unknown = set(src) - known
     if unknown:
         raise ConfigError(f"unknown rope_scaling field(s): {', '.join(sorted(unknown))}")
@@ -387,8 +407,12 @@ def _parse_quant(q: Any) -> QuantConfig | None:
     scale_fmt = q.get("scale_fmt")
     if scale_fmt not in (None, "ue8m0"):
         raise ConfigError(f"unsupported scale_fmt {scale_fmt!r} (known: ue8m0)")
-    return QuantConfig(fmt=fmt, block=(block[0], block[1]), scale_fmt=scale_fmt,
-                       activation_scheme=q.get("activation_scheme", "dynamic"))
+    return QuantConfig(
+        fmt=fmt,
+        block=(block[0], block[1]),
+        scale_fmt=scale_fmt,
+        activation_scheme=q.get("activation_scheme", "dynamic"),
+    )
 
 
 def _parse(d: dict[str, Any]) -> ModelConfig:
@@ -473,7 +497,9 @@ def _check(c: ModelConfig) -> None:
             f"topk_group {c.topk_group} groups of {per_group} experts cannot hold num_experts_per_tok {c.num_experts_per_tok}"
         )
     if c.first_k_dense_replace > c.num_hidden_layers:
-        raise ConfigError(f"first_k_dense_replace {c.first_k_dense_replace} exceeds num_hidden_layers {c.num_hidden_layers}")
+        raise ConfigError(
+            f"first_k_dense_replace {c.first_k_dense_replace} exceeds num_hidden_layers {c.num_hidden_layers}"
+        )
     if c.topk_method == "noaux_tc" and c.scoring_func != "sigmoid":
         raise ConfigError("topk_method 'noaux_tc' requires scoring_func 'sigmoid'")
     if c.qk_rope_head_dim % 2:

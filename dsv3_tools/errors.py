@@ -97,3 +97,7 @@ class OutputError(Dsv3Error):
 
 class ShardingError(Dsv3Error):
     """A model-parallel degree that the checkpoint cannot be split into."""
+
+
+class DownloadError(Dsv3Error):
+    """A repository that cannot be fetched: gated, missing, unknown revision, unreachable, offline without a copy."""

@@ -69,8 +69,14 @@ def inspect_checkpoint(path: str | Path) -> InspectReport:
     cfg = ck.config
     problems = config_problem + [p.as_dict() for p in ck.problems]
     if cfg is None and not config_problem:
-        problems.append({"kind": "config", "file": "config.json", "tensor": None,
-                         "message": "no config.json: names, shapes and dtypes cannot be checked"})
+        problems.append(
+            {
+                "kind": "config",
+                "file": "config.json",
+                "tensor": None,
+                "message": "no config.json: names, shapes and dtypes cannot be checked",
+            }
+        )
     params = {"main": 0, "mtp": 0}
     nbytes = {"main": 0, "mtp": 0}
     dtypes: dict[str, int] = {}

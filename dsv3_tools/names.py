@@ -67,7 +67,6 @@ TABLE: tuple[Module, ...] = (
 
 # Leaf renames: HF leaf -> internal leaf.
 LEAVES = {"weight": "weight", "weight_scale_inv": "scale", "e_score_correction_bias": "bias", "bias": "bias"}
-_MP_LEAVES = {v: k for k, v in LEAVES.items() if k != "bias"} | {"bias": None}  # "bias" is resolved per module
 
 _BY_HF = {m.hf: m for m in TABLE if m.scope != "top" and "{}" not in m.hf}
 _BY_HF_TOP = {m.hf: m for m in TABLE if m.scope == "top"}

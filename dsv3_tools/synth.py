@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -69,7 +69,9 @@ def derive_config(
         )
     if dtype == "fp8":
         block = cfg.quant.block if cfg.quant else (128, 128)
-        cfg = replace(cfg, quant=QuantConfig(block=block, scale_fmt=scale_fmt or (cfg.quant.scale_fmt if cfg.quant else None)))
+        cfg = replace(
+            cfg, quant=QuantConfig(block=block, scale_fmt=scale_fmt or (cfg.quant.scale_fmt if cfg.quant else None))
+        )
     elif dtype == "bf16":
         if scale_fmt:
             raise ConfigError("--scale-fmt applies to --dtype fp8 only")
@@ -204,11 +206,20 @@ def synth(
             w.abort()
             raise
     if k > 1:
-        write_json_atomic(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+        write_json_atomic(
+            out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        )
     write_json_atomic(out / "config.json", cfg.to_hf_dict())
     write_json_atomic(
         out / "generation_config.json",
-        {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.95},
+        {
+            "_from_model_config": True,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "do_sample": True,
+            "temperature": 0.6,
+            "top_p": 0.95,
+        },
     )
     write_tokenizer(out, cfg.vocab_size)
     (out / "README.md").write_text(
@@ -221,7 +232,9 @@ def synth(
 # ---------------------------------------------------------------------- tokenizer
 def _byte_chars() -> list[str]:
     """The byte-level BPE alphabet: a printable character for each byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -261,7 +274,15 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     if len(vocab) > vocab_size:
         raise ConfigError(f"vocab_size {vocab_size} is too small for the synthetic tokenizer ({len(vocab)} tokens)")
     special = [
-        {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        {
+            "id": i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
         for c, i in ((BOS, 0), (EOS, 1))
     ]
     tok = {
