@@ -32,7 +32,8 @@ def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def scales_from_amax(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
-    s = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
+    # Divide by a tensor, not a Python scalar: on CUDA the scalar form multiplies by a rounded reciprocal.
+    s = amax.clamp(min=AMAX_FLOOR) / torch.full_like(amax, FP8_MAX)
     if scale_fmt == "ue8m0":
         s = pow2_ceil(s)
     elif scale_fmt is not None:

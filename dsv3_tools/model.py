@@ -1,0 +1,498 @@
+"""The DeepSeek-V3-family forward pass on the project's own kernels, for verification (prefill, every position).
+
+``run_model`` reads weights straight from a ``Checkpoint`` (HF folder or model-parallel shards, FP8 with scales or
+BF16), resident or streamed one layer at a time, on one process or tensor-parallel under ``torchrun``
+(``parallel.py``), and returns float32 logits for every position of every prompt.
+
+Semantics (where the upstream demo and transformers differ, this follows transformers' ``DeepseekV3ForCausalLM``):
+- The router runs in f32 (``sigmoid`` + ``e_score_correction_bias`` for choice, group score = sum of the top-2
+  biased scores, dropped groups masked with -inf, weights = unbiased scores of the chosen experts, normalized when
+  ``norm_topk_prob``, times ``routed_scaling_factor``). V2-style configs: softmax, no bias, ``greedy`` or
+  ``group_limited_greedy`` (group score = max), weights not normalized (transformers' V2 router ignores
+  ``norm_topk_prob``).
+- RMSNorm in f32. YaRN is applied whenever the config has it (the demo only beyond 4096 tokens): interleaved pairs
+  ``(x[2i], x[2i+1])``, cos/sin times transformers' ``attention_factor`` (``mscale(factor, mscale) /
+  mscale(factor, mscale_all_dim)``, or ``mscale(factor)`` when either is unset), softmax scale ``qk_head_dim ** -0.5``
+  times ``mscale(factor, mscale_all_dim) ** 2``. The rotated halves come out de-interleaved (as transformers lays
+  them out); q and k share the permutation, so attention scores are unchanged.
+- Attention is computed non-absorbed (``kv_b`` expanded per head), causal, softmax in f32; logits of every position.
+- FP8 weights: with ``gemm="bf16"`` each is first dequantized exactly as ``cast fp8-bf16`` does
+  (``bf16(f32(w) * s)``) and then used in the compute dtype, so an FP8 checkpoint and its BF16 cast give identical
+  logits. With ``gemm="fp8"`` activations are quantized per token per 128 channels (``act_quant``, the checkpoint's
+  ``scale_fmt``) and multiplied by the block-scaled FP8 weights with f32 accumulation (``fp8_gemm``), as the
+  demo does. Unquantized weights (embedding, router, head, norms, a BF16 ``eh_proj``) always use the compute dtype.
+- MTP (``mtp=True``, the first MTP layer): for position t, ``eh_proj(cat(enorm(embed(token[t+1])),
+  hnorm(h[t])))`` with ``h`` the main model's final-normed hidden state (the state vLLM passes to its DeepSeek MTP
+  module; some ports pass the state before the final norm instead: a convention, the same on both sides of a
+  verification), one decoder block at positions 0..T-2, then ``shared_head.norm`` and ``shared_head.head``: logits
+  for token t+2. The MTP layer's own ``embed_tokens`` is used when present, else the model's.
+- Tensor parallel (``parallel.py``): the demo's split of every weight, from the rank's own MP shard file; from a HF
+  folder under a process group each rank slices what it needs out of the whole tensors (correct, not economical).
+- V3.2's sparse-attention indexer selects every earlier token while a prompt is at most ``index_topk`` tokens long,
+  so there attention is dense and the indexer weights are not read; longer prompts are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import names as N
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, MissingTensorError, ShardingError
+from .parallel import Group, check_degree, current_group, local_slice, rank_device
+
+OnLayer = Callable[[int, list[torch.Tensor]], None]
+
+
+@dataclass
+class ModelOutput:
+    """Float32 CPU logits for every position of every prompt (and the MTP module's, when asked)."""
+
+    logits: list[torch.Tensor]  # [T_i, vocab]
+    mtp_logits: list[torch.Tensor] | None = None  # [T_i - 1, vocab]: position t predicts token t + 2
+
+
+# ---------------------------------------------------------------------- kernels by engine
+class Ops:
+    """The three FP8 kernels, from Triton (``engine="triton"``) or their plain-torch references."""
+
+    def __init__(self, engine: str):
+        if engine == "triton":
+            from .kernels.act_quant import act_quant
+            from .kernels.fp8_gemm import fp8_gemm
+            from .kernels.weight_dequant import weight_dequant
+        elif engine == "torch":
+            from .kernels.act_quant import act_quant_ref as act_quant
+            from .kernels.fp8_gemm import fp8_gemm_ref as fp8_gemm
+            from .kernels.weight_dequant import weight_dequant_ref as weight_dequant
+        else:
+            raise ConfigError(f"engine must be 'triton' or 'torch', got {engine!r}")
+        self.act_quant, self.fp8_gemm, self.weight_dequant = act_quant, fp8_gemm, weight_dequant
+
+
+class Linear:
+    """``y = x @ W.T``: W dense in the compute dtype, or FP8 + block scales for the FP8 GEMM path."""
+
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor | None, env: Env):
+        self.env = env
+        if scale is not None and env.gemm == "bf16":
+            w, scale = env.ops.weight_dequant(w, scale.float(), env.block), None  # exactly as cast does
+        if scale is None:
+            self.w, self.s = w.to(env.dtype), None
+        else:
+            self.w, self.s = w, scale.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.s is None:
+            return F.linear(x.to(self.w.dtype), self.w)
+        e = self.env
+        xq, xs = e.ops.act_quant(x, e.block[1], e.scale_fmt)
+        return e.ops.fp8_gemm(xq, xs, self.w, self.s, e.dtype, e.block)
+
+
+@dataclass
+class Env:
+    """Everything a layer needs besides its weights."""
+
+    ck: Checkpoint
+    cfg: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    gemm: str
+    ops: Ops
+    group: Group
+    block: tuple[int, int]
+    scale_fmt: str | None
+
+    # ------------------------------------------------------------------ reading this rank's weights
+    def has(self, name: str) -> bool:
+        if self.ck.layout == "mp" and self.group.active:
+            return any(p.rank == self.group.rank for p in self.ck.mp_parts.get(name, ()))
+        return name in self.ck.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """This rank's piece of a tensor (the whole tensor on one process), on the device."""
+        ck, g = self.ck, self.group
+        if not g.active:
+            t = ck.read(name)
+        elif ck.layout == "mp":
+            part = next((p for p in ck.mp_parts.get(name, ()) if p.rank == g.rank), None)
+            if part is None:
+                raise MissingTensorError(f"not in rank {g.rank}'s file", tensor=name)
+            t = ck.read_info(part.info)
+        else:
+            t = self._slice(name, ck.read(name))
+        return t.to(self.device)
+
+    def _slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a whole tensor from a HF folder (tensor parallel without MP shards)."""
+        n = N.parse_hf(name)
+        if not isinstance(n.split, int):
+            return t
+        size = t.shape[n.split]
+        if size % self.group.world:
+            raise ShardingError(f"{name}: dim {n.split} of size {size} does not split over {self.group.world} ranks")
+        if n.is_scale:
+            blk = self.block[n.split]
+            full = self.ck.tensors[n.weight_name].shape[n.split]
+            if (full // self.group.world) % blk:
+                raise ShardingError(
+                    f"{name}: per-rank size {full // self.group.world} is not a multiple of the {blk} block"
+                )
+        lo, hi = local_slice(size, self.group)
+        return t.narrow(n.split, lo, hi - lo).contiguous()
+
+    def linear(self, weight: str) -> Linear:
+        scale = N.scale_name(weight)
+        w = self.read(weight)
+        if w.dtype == torch.float8_e4m3fn:
+            if not self.has(scale):
+                raise CheckpointError("FP8 weight without its weight_scale_inv", tensor=weight)
+            return Linear(w, self.read(scale), self)
+        if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise CheckpointError(f"unsupported weight dtype {w.dtype}", tensor=weight)
+        return Linear(w, None, self)
+
+    def norm(self, weight: str) -> torch.Tensor:
+        return self.read(weight).float()
+
+
+# ---------------------------------------------------------------------- math
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (w * y).to(x.dtype)
+
+
+def _mscale(factor: float, m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, rope_dim / 2] for the given positions (YaRN when configured), in f32."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    inv = 1.0 / pos_freqs
+    attn_factor = 1.0
+    rs = cfg.rope_scaling
+    if rs is not None and rs.factor > 1:
+
+        def corr_dim(rot: float) -> float:
+            return dim * math.log(rs.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(corr_dim(rs.beta_fast)), 0)
+        high = min(math.ceil(corr_dim(rs.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001  # a zero-width ramp would divide by zero
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrap = 1 - ramp  # 1: keep the original frequency; 0: divide it by factor
+        inv = (1.0 / (rs.factor * pos_freqs)) * (1 - extrap) + inv * extrap
+        if rs.mscale and rs.mscale_all_dim:
+            attn_factor = _mscale(rs.factor, rs.mscale) / _mscale(rs.factor, rs.mscale_all_dim)
+        else:
+            attn_factor = _mscale(rs.factor)
+    freqs = positions.float()[:, None] * inv[None, :]
+    return freqs.cos() * attn_factor, freqs.sin() * attn_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim of ``x`` [T, heads, d]; output halves de-interleaved."""
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+class Layer:
+    """One decoder block's weights (this rank's pieces), read on construction."""
+
+    def __init__(self, env: Env, L: int):
+        cfg, p = env.cfg, f"model.layers.{L}."
+        self.env, self.L = env, L
+        self.attn_norm = env.norm(p + "input_layernorm.weight")
+        self.ffn_norm = env.norm(p + "post_attention_layernorm.weight")
+        if cfg.has_q_lora:
+            self.wq_a = env.linear(p + "self_attn.q_a_proj.weight")
+            self.q_norm = env.norm(p + "self_attn.q_a_layernorm.weight")
+            self.wq_b = env.linear(p + "self_attn.q_b_proj.weight")
+        else:
+            self.wq = env.linear(p + "self_attn.q_proj.weight")
+        self.wkv_a = env.linear(p + "self_attn.kv_a_proj_with_mqa.weight")
+        self.kv_norm = env.norm(p + "self_attn.kv_a_layernorm.weight")
+        self.wkv_b = env.linear(p + "self_attn.kv_b_proj.weight")
+        self.wo = env.linear(p + "self_attn.o_proj.weight")
+        self.moe = cfg.is_moe_layer(L)
+        if self.moe:
+            self.gate = env.read(p + "mlp.gate.weight").float()
+            self.bias = env.read(p + "mlp.gate.e_score_correction_bias").float() if cfg.has_router_bias else None
+            self.experts = {
+                e: tuple(env.linear(p + f"mlp.experts.{e}.{m}.weight") for m in ("gate_proj", "up_proj", "down_proj"))
+                for e in N.local_experts(cfg, env.group.rank, env.group.world)
+            }
+            self.shared = (
+                tuple(env.linear(p + f"mlp.shared_experts.{m}.weight") for m in ("gate_proj", "up_proj", "down_proj"))
+                if cfg.n_shared_experts
+                else None
+            )
+        else:
+            self.mlp = tuple(env.linear(p + f"mlp.{m}.weight") for m in ("gate_proj", "up_proj", "down_proj"))
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x: torch.Tensor, lens: list[int], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x`` [sum(lens), H]: the prompts' tokens concatenated; attention stays within each prompt."""
+        eps = self.env.cfg.rms_norm_eps
+        x = x + self.attention(rms_norm(x, self.attn_norm, eps), lens, rope)
+        h = rms_norm(x, self.ffn_norm, eps)
+        return x + (self.moe_ffn(h) if self.moe else self.env.group.all_reduce(_mlp(self.mlp, h)))
+
+    def attention(self, x: torch.Tensor, lens: list[int], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg, env = self.env.cfg, self.env
+        nope, rd, vd = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        nh = cfg.num_attention_heads // env.group.world
+        q = self.wq_b(rms_norm(self.wq_a(x), self.q_norm, cfg.rms_norm_eps)) if cfg.has_q_lora else self.wq(x)
+        q = q.view(-1, nh, nope + rd)
+        kv = self.wkv_a(x)
+        latent, k_pe = kv.split([cfg.kv_lora_rank, rd], dim=-1)
+        kvb = self.wkv_b(rms_norm(latent, self.kv_norm, cfg.rms_norm_eps)).view(-1, nh, nope + vd)
+        k_nope, v = kvb.split([nope, vd], dim=-1)
+        cos, sin = rope
+        q = torch.cat([q[..., :nope], apply_rope(q[..., nope:], cos, sin)], dim=-1)
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin)
+        k = torch.cat([k_nope, k_pe.expand(-1, nh, rd)], dim=-1)
+        out = torch.empty((x.shape[0], nh, vd), dtype=x.dtype, device=x.device)
+        start = 0
+        for T in lens:
+            sl = slice(start, start + T)
+            out[sl] = _causal_attention(q[sl], k[sl], v[sl], cfg.softmax_scale)
+            start += T
+        return env.group.all_reduce(self.wo(out.reshape(x.shape[0], nh * vd)))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert indices, weights) [n, top_k], in f32."""
+        cfg = self.env.cfg
+        logits = F.linear(x.float(), self.gate)
+        E, G, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+        if cfg.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+            choice = scores + self.bias if self.bias is not None else scores
+            if G > 1:
+                gs = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1)
+                choice = _mask_groups(choice, gs, cfg.topk_group, G)
+            idx = choice.topk(k, dim=-1)[1]
+            w = scores.gather(1, idx)
+            if cfg.norm_topk_prob:
+                w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        else:
+            scores = logits.softmax(dim=-1, dtype=torch.float32)
+            if cfg.topk_method == "group_limited_greedy" and G > 1:
+                gs = scores.view(-1, G, E // G).amax(-1)
+                scores = _mask_groups(scores, gs, cfg.topk_group, G, fill=0.0)
+            w, idx = scores.topk(k, dim=-1)
+        return idx, w * cfg.routed_scaling_factor
+
+    def moe_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        idx, w = self.route(x)
+        y = torch.zeros_like(x)
+        for e, mlp in self.experts.items():
+            rows, slot = torch.where(idx == e)
+            if rows.numel():
+                y.index_add_(0, rows, _mlp(mlp, x[rows]) * w[rows, slot, None].to(x.dtype))
+        if self.shared is not None:
+            y = y + _mlp(self.shared, x)
+        return self.env.group.all_reduce(y)
+
+
+def _mask_groups(
+    s: torch.Tensor, group_scores: torch.Tensor, keep: int, G: int, fill: float = -math.inf
+) -> torch.Tensor:
+    top = group_scores.topk(keep, dim=-1)[1]
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
+    return s.masked_fill(~mask.repeat_interleave(s.shape[-1] // G, dim=-1), fill)
+
+
+def _mlp(m: tuple[Linear, Linear, Linear], x: torch.Tensor) -> torch.Tensor:
+    gate, up, down = m
+    return down(F.silu(gate(x)) * up(x))
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """[T, h, d] each; softmax in f32."""
+    T = q.shape[0]
+    s = torch.einsum("thd,shd->hts", q, k).float() * scale
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    p = s.softmax(dim=-1).to(v.dtype)
+    return torch.einsum("hts,shd->thd", p, v)
+
+
+# ---------------------------------------------------------------------- top level
+class Embedding:
+    def __init__(self, env: Env, name: str):
+        self.env = env
+        self.w = env.read(name).to(env.dtype)
+        self.lo, self.hi = local_slice(env.cfg.vocab_size, env.group) if env.group.active else (0, env.cfg.vocab_size)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.env.group.active:
+            return self.w[tokens]
+        inside = (tokens >= self.lo) & (tokens < self.hi)
+        h = self.w[(tokens - self.lo).clamp(0, self.hi - self.lo - 1)] * inside[:, None].to(self.w.dtype)
+        return self.env.group.all_reduce(h)
+
+
+class Head:
+    def __init__(self, env: Env, norm: str, head: str):
+        self.env = env
+        self.norm = env.norm(norm)
+        self.w = env.read(head).to(env.dtype)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.norm, self.env.cfg.rms_norm_eps)
+        return self.env.group.gather_last(F.linear(x, self.w)).float()
+
+
+def _check_prompts(cfg: ModelConfig, prompts: list[list[int]]) -> None:
+    if not prompts:
+        raise ConfigError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        if cfg.has_indexer and len(p) > cfg.index_topk:
+            raise ConfigError(
+                f"prompt {i} has {len(p)} tokens; sparse attention beyond index_topk={cfg.index_topk} is not modelled"
+            )
+
+
+class Model:
+    """The model over one checkpoint: weights resident (``load_model``) or read layer by layer at each forward."""
+
+    def __init__(self, env: Env, resident: bool):
+        self.env = env
+        self.layers: list[Layer] | None = None
+        self.head: Head | None = None
+        self.embed: Embedding | None = None
+        if resident:
+            with torch.inference_mode():
+                self.embed = Embedding(env, "model.embed_tokens.weight")
+                self.layers = [Layer(env, L) for L in env.cfg.main_layers]
+                self.head = Head(env, "model.norm.weight", "lm_head.weight")
+
+    def forward(self, prompts: list[list[int]], *, mtp: bool = False, on_layer: OnLayer | None = None) -> ModelOutput:
+        env, cfg = self.env, self.env.cfg
+        _check_prompts(cfg, prompts)
+        if mtp and not cfg.num_nextn_predict_layers:
+            raise ConfigError("mtp=True but the config has no MTP layer (num_nextn_predict_layers = 0)")
+        dev = env.device
+        lens = [len(p) for p in prompts]
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(T) for T in lens])
+        rope = tuple(t.to(dev) for t in rope_tables(cfg, positions))
+        with torch.inference_mode():
+            # Streaming: each piece is read just before it is used and dropped right after.
+            h = (self.embed or Embedding(env, "model.embed_tokens.weight"))(tokens)
+            for L in cfg.main_layers:
+                layer = self.layers[L] if self.layers is not None else Layer(env, L)
+                h = layer(h, lens, rope)
+                del layer
+                if on_layer is not None:
+                    on_layer(L, [t.float().cpu() for t in h.split(lens)])
+            logits = (self.head or Head(env, "model.norm.weight", "lm_head.weight"))(h)
+            out = ModelOutput([t.cpu() for t in logits.split(lens)])
+            if mtp:
+                out.mtp_logits = _run_mtp(env, tokens, h, lens)
+        return out
+
+
+def load_model(
+    ck: Checkpoint,
+    *,
+    device: str | torch.device = "cpu",
+    engine: str = "torch",
+    gemm: str = "bf16",
+    stream: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Model:
+    """A ``Model`` whose ``forward`` runs prompts; ``stream=False`` reads every main-model weight now."""
+    cfg = ck.config
+    if cfg is None:
+        raise ConfigError(f"{ck.path}: no model config (config.json, or hf_config.json beside MP shards)")
+    if gemm not in ("bf16", "fp8"):
+        raise ConfigError(f"gemm must be 'bf16' or 'fp8', got {gemm!r}")
+    group = current_group()
+    if group.active:
+        check_degree(cfg, group)
+        if ck.layout == "mp" and ck.world != group.world:
+            raise ShardingError(f"checkpoint is MP-{ck.world} but the process group has {group.world} ranks")
+    dev = rank_device(device, group)
+    if engine == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("engine 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use engine 'torch' on CPU")
+    env = Env(ck, cfg, dev, dtype, gemm, Ops(engine), group, cfg.block_size, cfg.quant.scale_fmt if cfg.quant else None)
+    return Model(env, resident=not stream)
+
+
+def run_model(
+    ck: Checkpoint,
+    prompts: list[list[int]],
+    *,
+    device: str | torch.device = "cpu",
+    engine: str = "torch",
+    gemm: str = "bf16",
+    stream: bool = True,
+    mtp: bool = False,
+    on_layer: OnLayer | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ModelOutput:
+    """Logits for every position of every prompt (see the module docstring for the exact semantics).
+
+    ``stream=True`` reads each layer just before it runs and frees it after (peak: one layer plus activations);
+    ``stream=False`` reads everything first; both give identical logits. Under an initialized process group of
+    N ranks with an MP-N checkpoint, each rank reads only its own file and every rank returns the full logits.
+    """
+    if ck.config is not None:
+        _check_prompts(ck.config, prompts)  # before reading any weight
+    model = load_model(ck, device=device, engine=engine, gemm=gemm, stream=stream, dtype=dtype)
+    return model.forward(prompts, mtp=mtp, on_layer=on_layer)
+
+
+def _run_mtp(env: Env, tokens: torch.Tensor, h: torch.Tensor, lens: list[int]) -> list[torch.Tensor]:
+    """The first MTP layer over positions 0..T-2 of each prompt (see the module docstring)."""
+    cfg = env.cfg
+    L = cfg.num_hidden_layers
+    p = f"model.layers.{L}."
+    eps = cfg.rms_norm_eps
+    final_norm = env.norm("model.norm.weight")
+    keep = torch.cat([torch.arange(T - 1) + s for T, s in zip(lens, _starts(lens))]).to(h.device)
+    nxt = keep + 1
+    mlens = [T - 1 for T in lens]
+    embed = Embedding(
+        env, p + "embed_tokens.weight" if env.has(p + "embed_tokens.weight") else "model.embed_tokens.weight"
+    )
+    e = rms_norm(embed(tokens[nxt]), env.norm(p + "enorm.weight"), eps)
+    del embed
+    hm = rms_norm(rms_norm(h[keep], final_norm, eps), env.norm(p + "hnorm.weight"), eps)
+    x = env.linear(p + "eh_proj.weight")(torch.cat([e, hm], dim=-1))
+    positions = torch.cat([torch.arange(T) for T in mlens])
+    rope = tuple(t.to(h.device) for t in rope_tables(cfg, positions))
+    x = Layer(env, L)(x, [m for m in mlens], rope) if x.shape[0] else x
+    head = Head(env, p + "shared_head.norm.weight", p + "shared_head.head.weight")
+    logits = head(x) if x.shape[0] else torch.zeros((0, cfg.vocab_size))
+    return [t.cpu() for t in logits.split(mlens)]
+
+
+def _starts(lens: list[int]) -> list[int]:
+    out, s = [], 0
+    for T in lens:
+        out.append(s)
+        s += T
+    return out
+
+
+__all__ = ["ModelOutput", "run_model", "rope_tables", "apply_rope", "rms_norm"]
