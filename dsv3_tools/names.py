@@ -142,7 +142,8 @@ def _checked_leaf(n: Name, name: str) -> Name:
         raise UnknownNameError("e_score_correction_bias only exists on mlp.gate", tensor=name)
     if n.leaf == "bias" and n.module.hf != "self_attn.indexer.k_norm":
         raise UnknownNameError("unexpected bias leaf", tensor=name)
-    if n.leaf == "weight_scale_inv" and not n.module.quantized:
+    # eh_proj's dtype is unconfirmed for some releases (FORMAT.md): accept an FP8 eh_proj with its scale.
+    if n.leaf == "weight_scale_inv" and not n.module.quantized and n.module.hf != "eh_proj":
         raise UnknownNameError("a weight_scale_inv on a module that is never quantized", tensor=name)
     return n
 
@@ -204,9 +205,11 @@ def expected_tensors(cfg: ModelConfig, *, mtp: bool = True) -> dict[str, TensorS
     out: dict[str, TensorSpec] = {}
     fp8 = cfg.is_fp8
     H, V = cfg.hidden_size, cfg.vocab_size
+    # Modules an FP8 checkpoint keeps in BF16 (e.g. `cast bf16-fp8 --ignore`), by HF module path.
+    keep = set((cfg.raw.get("quantization_config") or {}).get("modules_to_not_convert") or ())
 
     def add(name: str, shape: tuple[int, ...], quantized: bool = False, dtype: str = "BF16", alt: tuple = ()) -> None:
-        if quantized and fp8:
+        if quantized and fp8 and name.removesuffix(".weight") not in keep:
             sname = scale_name(name)
             out[name] = TensorSpec(name, shape, "F8_E4M3", sname)
             out[sname] = TensorSpec(sname, cfg.scale_grid(shape), "F32")

@@ -280,3 +280,17 @@ def test_fp8_config_with_bf16_content_is_reported(tiny_bf16: Path, tmp_path: Pat
     (dst / "config.json").write_text(json.dumps(cfg))
     rc, rep = _inspect_cli(dst)
     assert rc == 1 and "no tensor is FP8" in json.dumps(rep["problems"])
+
+
+def test_fp8_eh_proj_with_its_scale_is_accepted(indep: Path) -> None:
+    """FORMAT.md leaves the MTP eh_proj dtype unconfirmed: an FP8 eh_proj with a scale must validate."""
+    name = "model.layers.2.eh_proj.weight"
+    index = json.loads((indep / "model.safetensors.index.json").read_text())
+    f = index["weight_map"][name]
+    d = load_file(str(indep / f))
+    d |= {name: torch.zeros(H, 2 * H).to(torch.float8_e4m3fn), name + "_scale_inv": torch.ones(2, 4)}
+    save_file(d, str(indep / f), metadata={"format": "pt"})
+    index["weight_map"][name + "_scale_inv"] = f
+    index["metadata"]["total_size"] = _sum_bytes(indep, index)
+    (indep / "model.safetensors.index.json").write_text(json.dumps(index))
+    open_checkpoint(indep)  # strict: no problem
