@@ -25,6 +25,16 @@ def run_demo(workdir: Path) -> int:
         ("a synthetic FP8 checkpoint in the exact HF format", ["synth", fp8, "--config", "tiny"]),
         ("layout, family, sizes and problems", ["inspect", fp8]),
     ]
+    ref = str(workdir / "tiny-fp8.reference.safetensors")
+    save = ["verify", fp8, "--save-reference", ref, "--mtp"]
+    steps.append(("a verify reference: the original's logits and hidden states", save))
+    mp2 = str(workdir / "tiny-mp2")
+    steps.append(("the official model-parallel layout, 2 rank files", ["shard", fp8, mp2, "--mp", "2"]))
+    steps.append(("the rank files re-assemble into the full model", ["inspect", mp2]))
+    bf16, fp8_again = str(workdir / "tiny-bf16"), str(workdir / "tiny-fp8-again")
+    steps.append(("dequantize to BF16: exact, a complete loadable folder", ["cast", "fp8-bf16", fp8, bf16]))
+    steps.append(("re-quantize exactly the weights that were FP8", ["cast", "bf16-fp8", bf16, fp8_again]))
+    steps += _verify_steps(steps, ref)  # keep last: verifies every stage output listed above against the original
     for title, args in steps:
         rc = _step(title, args)
         if rc != 0:
@@ -33,3 +43,14 @@ def run_demo(workdir: Path) -> int:
 
     report.info(f"\n[bold green]demo finished[/]: outputs in {workdir}")
     return 0
+
+
+def _verify_steps(steps: list[tuple[str, list[str]]], ref: str) -> list[tuple[str, list[str]]]:
+    """One ``verify --reference`` step per checkpoint a cast or shard step above writes."""
+    out = []
+    for _, args in steps:
+        dst = args[3] if args[0] == "cast" and len(args) > 3 else args[2] if args[0] == "shard" else None
+        if dst is not None:
+            check = ["verify", dst, "--reference", ref, "--mtp"]
+            out.append((f"{Path(dst).name} computes what the original computed", check))
+    return out

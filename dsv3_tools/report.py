@@ -123,3 +123,80 @@ def render_inspect(r: Any) -> None:
             out.print(f"... and {len(r.problems) - 200} more (use --json for all)")
     else:
         out.print("[bold green]no problems found[/]")
+
+
+def render_verify(r: Any) -> None:
+    """The verify report: verdict, what was compared and how, per-prompt metrics, where it diverges."""
+    ok = r.verdict == "pass"
+    rows = [("checkpoint", f"{r.path} ({r.layout}" + (f", world {r.world})" if r.layout == "mp" else ")"))]
+    if r.reference:
+        rows.append(("reference", f"{r.reference} ({r.reference_kind})"))
+    if r.saved_reference:
+        rows.append(("saved reference", r.saved_reference))
+    if r.run:
+        rows.append(("run", ", ".join(f"{k} {v}" for k, v in r.run.items())))
+    if r.tier:
+        rows.append(("comparison", f"{r.tier}: " + "; ".join(r.tier_reasons)))
+    if r.checksums is not None:
+        c = r.checksums
+        rows.append(("checksums", f"{c['files_checked']} file(s) re-hashed, {c['mismatches']} mismatch(es)"))
+    rows.append(("structure", f"{len(r.problems)} problem(s), {len(r.warnings)} warning(s)"))
+    kv_table("verify", rows)
+    for w in r.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+    if r.problems:
+        t = Table(title=f"{len(r.problems)} structural problem(s)", title_justify="left", title_style="bold red")
+        for c in ("kind", "file", "tensor", "message"):
+            t.add_column(c, overflow="fold")
+        for p in r.problems[:50]:
+            t.add_row(p["kind"], p.get("file") or "", p.get("tensor") or "", p["message"])
+        out.print(t)
+    if r.overall is not None:
+        t = Table(title="logits against the reference", title_justify="left")
+        for c in ("prompt", "tokens", "top-1", "KL mean", "KL max", "cos min", "max |diff|", "rel diff", "ok"):
+            t.add_column(c, justify="right")
+
+        def row(name: str, n: Any, s: Any, good: bool) -> list[str]:
+            return [
+                name,
+                str(n),
+                f"{s.top1:.4f}",
+                f"{s.kl_mean:.2e}",
+                f"{s.kl_max:.2e}",
+                f"{s.cos_min:.6f}",
+                f"{s.max_abs_diff:.2e}",
+                f"{s.max_rel_diff:.2e}",
+                "[green]yes[/]" if good else "[red]no[/]",
+            ]
+
+        for p in r.prompts:
+            t.add_row(*row(str(p.index), p.tokens, p.stats, not p.failures))
+            if p.mtp is not None:
+                t.add_row(*row(f"{p.index} MTP", p.tokens - 1, p.mtp, not any(f.startswith("MTP") for f in p.failures)))
+        t.add_row(*row("all", r.overall.positions, r.overall, not [f for f in r.failures if not f.startswith("MTP")]))
+        if r.mtp_overall is not None:
+            t.add_row(
+                *row(
+                    "all MTP",
+                    r.mtp_overall.positions,
+                    r.mtp_overall,
+                    not [f for f in r.failures if f.startswith("MTP")],
+                )
+            )
+        out.print(t)
+    if r.divergence is not None:
+        d = r.divergence
+        at = f" (prompt {d.prompt}, position {d.position})" if d.prompt is not None else ""
+        out.print(f"[bold]first divergence:[/] {d.where}, hidden-state error {d.error:.3e}{at}")
+    if r.tensor_diffs:
+        t = Table(title=f"{len(r.tensor_diffs)} tensor(s) differ from the reference checkpoint", title_justify="left")
+        for c in ("tensor", "kind", "relative error", "detail"):
+            t.add_column(c, overflow="fold")
+        for d in r.tensor_diffs[:20]:
+            t.add_row(d.name, d.kind, f"{d.rel_err:.3e}" if d.rel_err is not None else "", d.detail)
+        out.print(t)
+        if r.suspect_files:
+            out.print("files holding them: " + ", ".join(f"{f} ({n})" for f, n in r.suspect_files.items()))
+    for f in r.failures:
+        out.print(f"[red]fail:[/] {f}")
+    out.print("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")

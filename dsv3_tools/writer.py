@@ -8,10 +8,14 @@ sha256; a re-run keeps files that match it and redoes the rest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +40,182 @@ class FileRecord:
 def _hash_chunks(h: hashlib._Hash, data: memoryview, chunk: int = 1 << 24) -> None:
     for i in range(0, len(data), chunk):
         h.update(data[i : i + chunk])
+
+
+_ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the logical block size
+_STAGE = 16 << 20  # bytes per direct write; a multiple of _ALIGN
+_DONE = object()
+
+
+class _BackgroundSink:
+    """Hashes and writes appended chunks on helper threads (hash -> stage -> write), so that the caller's compute,
+    sha256, the staging copy and the disk all overlap. The caller hands each buffer over: it must not change it
+    after ``put``.
+
+    With ``direct``, data goes through page-aligned staging buffers to an ``O_DIRECT`` descriptor: on the VMs this
+    was measured on, that writes faster than the page cache and leaves no dirty pages behind (see
+    docs/benchmarks.md). The unaligned tail is written through an ordinary descriptor at the end. Where the file
+    system refuses ``O_DIRECT`` (tmpfs), plain buffered writes are used.
+    """
+
+    def __init__(self, tmp: Path, direct: bool, depth: int = 8) -> None:
+        self.tmp = tmp
+        self.h = hashlib.sha256()
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.dfd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.dfd = os.open(tmp, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                self.dfd = -1
+        self.pos = 0  # file offset of the next byte handed to the io thread
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._hq: queue.Queue = queue.Queue(maxsize=depth)
+        self._cq: queue.Queue = queue.Queue(maxsize=depth)  # hashed chunks to stage (direct mode)
+        self._wq: queue.Queue = queue.Queue(maxsize=2)
+        self._free: queue.Queue = queue.Queue()
+        if self.dfd >= 0:
+            for _ in range(3):
+                self._free.put(mmap.mmap(-1, _STAGE))
+        self._stage: mmap.mmap | None = None
+        self._fill = 0
+        loops = [self._hash_loop, self._io_loop] + ([self._stage_loop] if self.dfd >= 0 else [])
+        self._threads = [threading.Thread(target=self._guard, args=(f,), daemon=True, name="dsv3-w") for f in loops]
+        for t in self._threads:
+            t.start()
+
+    # -- plumbing: every blocking call wakes up regularly to notice a failure elsewhere or an abort
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # re-raised in the caller's thread by check()
+            self.error = self.error or e
+            self._stop.set()
+
+    def _put(self, q: queue.Queue, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _get(self, q: queue.Queue) -> object:
+        while not self._stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+    def check(self) -> None:
+        if self.error is not None and not isinstance(self.error, _Stopped):
+            raise self.error
+
+    # -- caller side
+    def put(self, mv: memoryview) -> None:
+        self.check()
+        if len(mv):
+            try:
+                self._put(self._hq, mv)
+            except _Stopped:
+                self.check()
+                raise
+
+    def close(self) -> None:
+        """Drain, write the tail, fsync; raise what a helper thread hit."""
+        try:
+            self._put(self._hq, _DONE)
+        except _Stopped:
+            pass
+        for t in self._threads:
+            t.join()
+        self.check()
+        os.fsync(self.fd)
+        self._close_fds()
+
+    def abort(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.fd, self.dfd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.dfd = -1
+
+    # -- helper threads
+    def _hash_loop(self) -> None:
+        nxt = self._cq if self.dfd >= 0 else self._wq
+        while True:
+            mv = self._get(self._hq)
+            if mv is _DONE:
+                self._put(nxt, _DONE)
+                return
+            _hash_chunks(self.h, mv)
+            self._put(nxt, mv)
+
+    def _stage_loop(self) -> None:
+        import numpy as np  # numpy's copy releases the GIL (memoryview slice assignment would hold it)
+
+        while True:
+            mv = self._get(self._cq)
+            if mv is _DONE:
+                if self._stage is not None and self._fill:
+                    self._put(self._wq, (self._stage, self._fill))
+                self._put(self._wq, _DONE)
+                return
+            src = np.frombuffer(mv, dtype=np.uint8)
+            i = 0
+            while i < len(src):
+                if self._stage is None:
+                    self._stage = self._get(self._free)
+                    self._fill = 0
+                k = min(len(src) - i, _STAGE - self._fill)
+                np.copyto(np.frombuffer(self._stage, dtype=np.uint8)[self._fill : self._fill + k], src[i : i + k])
+                self._fill += k
+                i += k
+                if self._fill == _STAGE:
+                    self._put(self._wq, (self._stage, _STAGE))
+                    self._stage = None
+
+    def _io_loop(self) -> None:
+        while True:
+            item = self._get(self._wq)
+            if item is _DONE:
+                return
+            if isinstance(item, tuple):
+                buf, n = item
+                aligned = n - n % _ALIGN
+                if aligned:
+                    try:
+                        self._pwrite(self.dfd if self.dfd >= 0 else self.fd, memoryview(buf)[:aligned])
+                    except OSError as e:
+                        if e.errno != errno.EINVAL or self.dfd < 0:
+                            raise
+                        # Some file systems accept O_DIRECT at open and refuse the writes: go buffered.
+                        os.close(self.dfd)
+                        self.dfd = -1
+                        self._pwrite(self.fd, memoryview(buf)[:aligned])
+                if aligned < n:  # only the very last block can be short
+                    self._pwrite(self.fd, memoryview(buf)[aligned:n])
+                self._free.put(buf)
+            else:
+                self._pwrite(self.fd, item)
+
+    def _pwrite(self, fd: int, mv: memoryview) -> None:
+        done = 0
+        while done < len(mv):
+            done += os.pwrite(fd, mv[done:], self.pos + done)
+        self.pos += len(mv)
+
+
+class _Stopped(Exception):
+    """A helper thread saw the sink stop (abort, or a failure in the other thread)."""
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -71,19 +251,29 @@ class SafetensorsWriter:
         path: str | Path,
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
+        *,
+        background: bool = False,
+        direct: bool = False,
     ) -> None:
+        """``background``: hash and write on helper threads; the caller then hands over every buffer it passes
+        (it must not reuse or modify it). ``direct`` (with ``background``): write through ``O_DIRECT``."""
         self.path = Path(path)
         self.entries = list(entries)
         header, self.offsets = plan_header(self.entries, metadata)
         self.data_start = len(header)
         self.size = self.data_start + (max((e for _, e in self.offsets.values()), default=0))
         self.tmp = self.path.with_name("." + self.path.name + PARTIAL_SUFFIX)
-        self._f = open(self.tmp, "wb")
-        self._h = hashlib.sha256()
+        self._sink = _BackgroundSink(self.tmp, direct) if background else None
+        self._f = open(self.tmp, "wb") if self._sink is None else None
+        self._h = hashlib.sha256() if self._sink is None else self._sink.h
         self._next = 0
+        self._part = 0  # bytes of the next tensor already written by write_part
         self._write(memoryview(header))
 
     def _write(self, mv: memoryview) -> None:
+        if self._sink is not None:
+            self._sink.put(mv)
+            return
         self._f.write(mv)
         _hash_chunks(self._h, mv)
 
@@ -103,25 +293,44 @@ class SafetensorsWriter:
     def write_raw(self, name: str, data: memoryview) -> None:
         """Append raw bytes for the next planned tensor (already in its dtype's byte layout)."""
         b, e = self.offsets[name]
-        if self.entries[self._next][0] != name or len(data) != e - b:
+        if self.entries[self._next][0] != name or len(data) != e - b or self._part:
             raise AssertionError(f"{name}: expected {e - b} bytes as tensor #{self._next}, got {len(data)}")
         self._write(data)
         self._next += 1
+
+    def write_part(self, name: str, data: memoryview) -> None:
+        """Append the next bytes of the next planned tensor; it is complete once all its bytes are in.
+
+        Lets callers stream a tensor larger than the memory they want to hold, in as many pieces as they like.
+        """
+        b, e = self.offsets[name]
+        if self._next >= len(self.entries) or self.entries[self._next][0] != name or self._part + len(data) > e - b:
+            raise AssertionError(f"{name}: {len(data)} more bytes do not fit tensor #{self._next} ({self.next_name!r})")
+        self._write(data)
+        self._part += len(data)
+        if self._part == e - b:
+            self._next += 1
+            self._part = 0
 
     def finish(self) -> FileRecord:
         """Check completeness, flush to disk, rename to the final name."""
         if self._next != len(self.entries):
             raise AssertionError(f"{self.path.name}: {len(self.entries) - self._next} tensors not written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        if self._sink is not None:
+            self._sink.close()
+        else:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
         actual = self.tmp.stat().st_size
         assert actual == self.size, (actual, self.size)
         os.replace(self.tmp, self.path)
         return FileRecord(self.path.name, self.size, self._h.hexdigest())
 
     def abort(self) -> None:
-        if not self._f.closed:
+        if self._sink is not None:
+            self._sink.abort()
+        elif not self._f.closed:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
 
