@@ -140,7 +140,9 @@ def main() -> None:
     }
     print(f"\n{'rank':>4} {'verdict':>8} {'tier':>9} {'seconds':>8} {'peak GPU GB':>12}")
     for r in ranks:
-        print(f"{r['rank']:>4} {r['verdict']:>8} {str(r['tier']):>9} {r['seconds']:8.1f} {r['peak_gpu_bytes'] / 1e9:12.2f}")
+        print(
+            f"{r['rank']:>4} {r['verdict']:>8} {str(r['tier']):>9} {r['seconds']:8.1f} {r['peak_gpu_bytes'] / 1e9:12.2f}"
+        )
     print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}, indent=2, default=str))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_multi_verify.json").write_text(json.dumps(summary, indent=2, default=str))

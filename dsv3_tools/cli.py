@@ -37,13 +37,15 @@ def synth(
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
     from . import report
-    from .synth import synth as run
-    from .config import ModelConfig
-    from .synth import derive_config
-    from .names import expected_tensors
     from .checkpoint import DTYPE_SIZE
+    from .config import ModelConfig
+    from .names import expected_tensors
+    from .synth import derive_config
+    from .synth import synth as run
 
-    cfg = derive_config(ModelConfig.load(config), dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp)
+    cfg = derive_config(
+        ModelConfig.load(config), dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp
+    )
     total = 0
     for s in expected_tensors(cfg).values():
         n = DTYPE_SIZE[s.dtype]
@@ -51,8 +53,18 @@ def synth(
             n *= d
         total += n
     with report.byte_progress(total, "synth", enabled=not json_) as advance:
-        r = run(out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp,
-                scale_fmt=scale_fmt, progress=advance)
+        r = run(
+            out,
+            config,
+            dtype=dtype,
+            seed=seed,
+            shards=shards,
+            layers=layers,
+            experts=experts,
+            mtp=mtp,
+            scale_fmt=scale_fmt,
+            progress=advance,
+        )
     if json_:
         report.print_json(r)
     else:

@@ -224,7 +224,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 
-def plan_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def plan_header(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Header bytes (8-byte length prefix included) and each tensor's data range, in the given order."""
     hdr: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offsets: dict[str, tuple[int, int]] = {}
