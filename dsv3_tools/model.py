@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +111,25 @@ class Env:
     group: Group
     block: tuple[int, int]
     scale_fmt: str | None
+    # Streaming reads ahead: host copies of the next layer's tensors, read by one background thread.
+    prefetched: dict[str, Future] = field(default_factory=dict, repr=False)
+    reader: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ reading this rank's weights
+    def prefetch(self, names: list[str]) -> None:
+        """Start reading ``names`` (host side) in the background; ``read`` takes them when asked."""
+        if self.reader is None:
+            self.reader = ThreadPoolExecutor(1, thread_name_prefix="dsv3-prefetch")
+        for n in names:
+            if n not in self.prefetched and self.has(n):
+                self.prefetched[n] = self.reader.submit(self._read_host, n)
+
+    def drop_prefetched(self) -> None:
+        """Forget what was read ahead but not used (waits for in-flight reads so none outlives the forward)."""
+        for f in self.prefetched.values():
+            f.result()
+        self.prefetched.clear()
+
     def has(self, name: str) -> bool:
         if self.ck.layout == "mp" and self.group.active:
             return any(p.rank == self.group.rank for p in self.ck.mp_parts.get(name, ()))
@@ -119,6 +137,11 @@ class Env:
 
     def read(self, name: str) -> torch.Tensor:
         """This rank's piece of a tensor (the whole tensor on one process), on the device."""
+        fut = self.prefetched.pop(name, None)
+        t = fut.result() if fut is not None else self._read_host(name)
+        return t.to(self.device)
+
+    def _read_host(self, name: str) -> torch.Tensor:
         ck, g = self.ck, self.group
         if not g.active:
             t = ck.read(name)
@@ -129,7 +152,7 @@ class Env:
             t = ck.read_info(part.info)
         else:
             t = self._slice(name, ck.read(name))
-        return t.to(self.device)
+        return t
 
     def _slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a whole tensor from a HF folder (tensor parallel without MP shards)."""
@@ -395,16 +418,31 @@ class Model:
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(T) for T in lens])
         rope = tuple(t.to(dev) for t in rope_tables(cfg, positions))
+        streaming = self.layers is None
+        by_layer: dict[int | None, list[str]] = {}
+        if streaming:
+            for name in env.ck.tensors:
+                by_layer.setdefault(N.parse_hf(name).layer, []).append(name)
+            env.prefetch(by_layer.get(cfg.main_layers[0], []) if len(cfg.main_layers) else [])
         with torch.inference_mode():
-            # Streaming: each piece is read just before it is used and dropped right after.
+            # Streaming: each piece is read just before it is used and dropped right after; the next layer's bytes
+            # are read from disk in the background meanwhile (host memory: at most two layers' raw bytes).
             h = (self.embed or Embedding(env, "model.embed_tokens.weight"))(tokens)
             for L in cfg.main_layers:
+                if streaming:
+                    nxt = (
+                        by_layer.get(L + 1, [])
+                        if L + 1 < cfg.num_hidden_layers
+                        else ["model.norm.weight", "lm_head.weight"]
+                    )
+                    env.prefetch(nxt)
                 layer = self.layers[L] if self.layers is not None else Layer(env, L)
                 h = layer(h, lens, rope)
                 del layer
                 if on_layer is not None:
                     on_layer(L, [t.float().cpu() for t in h.split(lens)])
             logits = (self.head or Head(env, "model.norm.weight", "lm_head.weight"))(h)
+            env.drop_prefetched()
             out = ModelOutput([t.cpu() for t in logits.split(lens)])
             if mtp:
                 out.mtp_logits = _run_mtp(env, tokens, h, lens)
