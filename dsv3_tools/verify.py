@@ -214,27 +214,11 @@ def _check_model_args(ck: Checkpoint) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
         return [_problem("config_args", "config.json is not a JSON object", "config.json")]
     cfg = ck.config
-    want = {
-        "vocab_size": cfg.vocab_size,
-        "dim": cfg.hidden_size,
-        "inter_dim": cfg.intermediate_size,
-        "moe_inter_dim": cfg.moe_intermediate_size,
-        "n_layers": cfg.num_hidden_layers,
-        "n_dense_layers": cfg.first_k_dense_replace,
-        "n_heads": cfg.num_attention_heads,
-        "n_routed_experts": cfg.n_routed_experts,
-        "n_shared_experts": cfg.n_shared_experts,
-        "n_activated_experts": cfg.num_experts_per_tok,
-        "n_expert_groups": cfg.n_group,
-        "n_limited_groups": cfg.topk_group,
-        "route_scale": cfg.routed_scaling_factor,
-        "score_func": cfg.scoring_func,
-        "q_lora_rank": cfg.q_lora_rank or 0,
-        "kv_lora_rank": cfg.kv_lora_rank,
-        "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim,
-        "v_head_dim": cfg.v_head_dim,
-    }
+    # The geometry keys of the demo's ModelArgs, as shard writes them (max_seq_len is the user's to choose; dtype and
+    # scale_fmt are checked below).
+    from .shard import demo_model_args
+
+    want = {k: v for k, v in demo_model_args(cfg).items() if k not in ("max_seq_len", "dtype", "scale_fmt")}
     out = []
     for k, v in want.items():
         if (
