@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 import queue
 import signal
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import names as N
-from .checkpoint import DTYPE_SIZE, DTYPES, INDEX_NAME, Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import DTYPE_SIZE, DTYPES, INDEX_NAME, Checkpoint, TensorInfo, nbytes, open_checkpoint
 from .errors import ConfigError, Dsv3Error, LayoutError, OutputError
 from .writer import (
     MANIFEST_NAME,
@@ -204,13 +203,13 @@ def cast_bf16_to_fp8(
     qc.setdefault("activation_scheme", "dynamic")
     if fmt:
         qc["scale_fmt"] = fmt
-    fp8_weights = sorted(n for n in selected if not (mtp == "drop" and _is_mtp(cfg, n)))
+    fp8_weights = sorted(n for n in selected if not (mtp == "drop" and N.is_mtp_name(cfg, n)))
     kept_bf16 = sorted(
         set(orig_qc.get("modules_to_not_convert") or ())
         | {
             n.removesuffix(".weight")
             for n in wanted
-            if n in ck.tensors and n not in selected and not (mtp == "drop" and _is_mtp(cfg, n))
+            if n in ck.tensors and n not in selected and not (mtp == "drop" and N.is_mtp_name(cfg, n))
         }
     )
     if kept_bf16:  # so that loaders (and our own validation) expect these weights in BF16
@@ -254,15 +253,6 @@ def _open_input(src: Path) -> Checkpoint:
     return ck
 
 
-def _is_mtp(cfg, name: str) -> bool:
-    layer = N.parse_hf(name).layer
-    return layer is not None and cfg.is_mtp_layer(layer)
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return DTYPE_SIZE[dtype] * math.prod(shape)
-
-
 def _plan(
     ck: Checkpoint, direction: str, *, mtp: str, selected: set[str], block: tuple[int, int]
 ) -> tuple[list[_FilePlan], int]:
@@ -275,7 +265,7 @@ def _plan(
         bytes_in = 0
         for info in sorted(ck.headers[rel].tensors.values(), key=lambda i: i.start):
             name = info.name
-            if mtp == "drop" and _is_mtp(ck.config, name):
+            if mtp == "drop" and N.is_mtp_name(ck.config, name):
                 dropped += 1
                 continue
             if direction == FP8_BF16:
@@ -298,7 +288,7 @@ def _plan(
             bytes_in += info.nbytes
         if entries:
             header, _ = plan_header(entries, {"format": "pt"})
-            size = len(header) + sum(_nbytes(d, s) for _, d, s in entries)
+            size = len(header) + sum(nbytes(d, s) for _, d, s in entries)
             plans.append(_FilePlan(rel, entries, ops, bytes_in, size))
     return plans, dropped
 
@@ -391,7 +381,7 @@ def _run(
         # Index and config last: a folder that looks loadable is a finished one.
         if ck.layout == "hf-sharded":
             wmap = {name: p.name for p in plans for name, _, _ in p.entries}
-            total = sum(_nbytes(d, s) for p in plans for _, d, s in p.entries)
+            total = sum(nbytes(d, s) for p in plans for _, d, s in p.entries)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
             man.record(write_json_atomic(dst / INDEX_NAME, index), kind="index")
         man.record(write_json_atomic(dst / "config.json", _out_config(src, direction, mtp, extra)), kind="config")

@@ -8,6 +8,7 @@ model-parallel layout, whose per-rank pieces are listed under ``Checkpoint.mp_pa
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -60,6 +61,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DTYPE_SIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+
+
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of safetensors ``dtype`` and ``shape``."""
+    return DTYPE_SIZE[dtype] * math.prod(shape)
 
 
 @dataclass(frozen=True)
@@ -128,10 +134,7 @@ def read_header(path: Path, rel: str | None = None) -> FileHeader:
             raise HeaderError("malformed header entry", file=rel, tensor=name) from None
         if dtype not in DTYPES:
             raise HeaderError(f"unknown dtype {dtype!r}", file=rel, tensor=name)
-        numel = 1
-        for s in shape:
-            numel *= s
-        if en - b != numel * DTYPE_SIZE[dtype] or b < 0:
+        if en - b != nbytes(dtype, shape) or b < 0:
             raise HeaderError(f"data size {en - b} does not match {dtype}{list(shape)}", file=rel, tensor=name)
         spans.append((b, en, name))
         tensors[name] = TensorInfo(name, rel, dtype, shape, data_start + b, data_start + en)
@@ -478,7 +481,7 @@ def validate(ck: Checkpoint, problem) -> None:
     validate_scales(ck, problem)
     cfg = ck.config
     assert cfg is not None
-    has_mtp_tensors = any(_is_mtp(cfg, n) for n in ck.tensors)
+    has_mtp_tensors = any(N.is_mtp_name(cfg, n) for n in ck.tensors)
     expected = N.expected_tensors(cfg, mtp=has_mtp_tensors or ck.layout != "mp")
     fp8_in_files = any(i.dtype == "F8_E4M3" for i in ck.tensors.values())
     if cfg.is_fp8 and not fp8_in_files and ck.tensors:
@@ -534,14 +537,6 @@ def validate(ck: Checkpoint, problem) -> None:
             if w in ck.tensors:
                 continue  # reported by validate_scales
         problem(MissingTensorError("expected by the config but absent", tensor=name))
-
-
-def _is_mtp(cfg: ModelConfig, name: str) -> bool:
-    try:
-        layer = N.parse_hf(name).layer
-    except UnknownNameError:
-        return False
-    return layer is not None and cfg.is_mtp_layer(layer)
 
 
 def open_config_only(path: str | Path) -> ModelConfig:

@@ -37,7 +37,7 @@ def synth(
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
     from . import report
-    from .checkpoint import DTYPE_SIZE
+    from .checkpoint import nbytes
     from .config import ModelConfig
     from .names import expected_tensors
     from .synth import derive_config
@@ -46,12 +46,7 @@ def synth(
     cfg = derive_config(
         ModelConfig.load(config), dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp
     )
-    total = 0
-    for s in expected_tensors(cfg).values():
-        n = DTYPE_SIZE[s.dtype]
-        for d in s.shape:
-            n *= d
-        total += n
+    total = sum(nbytes(s.dtype, s.shape) for s in expected_tensors(cfg).values())
     with report.byte_progress(total, "synth", enabled=not json_) as advance:
         r = run(
             out,

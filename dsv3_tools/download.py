@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +27,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .disk import free_bytes
 from .errors import DownloadError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"  # same as checkpoint.INDEX_NAME; kept here to avoid importing torch
@@ -693,14 +693,6 @@ def _offline(repo_id, revision, local: Path | None, cache_dir: Path, allow, igno
     if verify:
         r.problems += _index_problems(lambda f: path / f.name, files, set(listing) or {f.name for f in files})
     return r
-
-
-def free_bytes(folder: Path) -> int:
-    """Free space where ``folder`` is or would be created (as writer.free_bytes, which would import torch)."""
-    p = Path(folder).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def _gb(n: int) -> str:

@@ -283,6 +283,15 @@ def quantizable_weights(cfg: ModelConfig, *, mtp: bool = True) -> list[str]:
     return names
 
 
+def is_mtp_name(cfg: ModelConfig, name: str) -> bool:
+    """Whether a HF tensor name belongs to an MTP layer of ``cfg`` (False for names outside the table)."""
+    try:
+        layer = parse_hf(name).layer
+    except UnknownNameError:
+        return False
+    return layer is not None and cfg.is_mtp_layer(layer)
+
+
 def layer_of(name: str) -> int | None:
     """The layer number of a HF tensor name (None for top-level tensors)."""
     return parse_hf(name).layer

@@ -94,6 +94,18 @@ def kv_table(title: str, rows: list[tuple[str, Any]]) -> None:
     out.print(t)
 
 
+def problems_table(problems: list[dict], what: str, limit: int) -> None:
+    """Problems (kind, file, tensor, message) as a table, the first ``limit`` of them."""
+    t = Table(title=f"{len(problems)} {what}", title_justify="left", title_style="bold red")
+    for c in ("kind", "file", "tensor", "message"):
+        t.add_column(c, overflow="fold")
+    for p in problems[:limit]:
+        t.add_row(p["kind"], p.get("file") or "", p.get("tensor") or "", p["message"])
+    out.print(t)
+    if len(problems) > limit:
+        out.print(f"... and {len(problems) - limit} more (use --json for all)")
+
+
 def render_inspect(r: Any) -> None:
     rows = [
         ("path", r.path),
@@ -113,14 +125,7 @@ def render_inspect(r: Any) -> None:
     ]
     kv_table("checkpoint", rows)
     if r.problems:
-        t = Table(title=f"{len(r.problems)} problem(s)", title_justify="left", title_style="bold red")
-        for c in ("kind", "file", "tensor", "message"):
-            t.add_column(c, overflow="fold")
-        for p in r.problems[:200]:
-            t.add_row(p["kind"], p.get("file") or "", p.get("tensor") or "", p["message"])
-        out.print(t)
-        if len(r.problems) > 200:
-            out.print(f"... and {len(r.problems) - 200} more (use --json for all)")
+        problems_table(r.problems, "problem(s)", limit=200)
     else:
         out.print("[bold green]no problems found[/]")
 
@@ -145,12 +150,7 @@ def render_verify(r: Any) -> None:
     for w in r.warnings:
         out.print(f"[yellow]warning:[/] {w}")
     if r.problems:
-        t = Table(title=f"{len(r.problems)} structural problem(s)", title_justify="left", title_style="bold red")
-        for c in ("kind", "file", "tensor", "message"):
-            t.add_column(c, overflow="fold")
-        for p in r.problems[:50]:
-            t.add_row(p["kind"], p.get("file") or "", p.get("tensor") or "", p["message"])
-        out.print(t)
+        problems_table(r.problems, "structural problem(s)", limit=50)
     if r.overall is not None:
         t = Table(title="logits against the reference", title_justify="left")
         for c in ("prompt", "tokens", "top-1", "KL mean", "KL max", "cos min", "max |diff|", "rel diff", "ok"):

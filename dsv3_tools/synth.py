@@ -21,7 +21,7 @@ import torch
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
 from . import names as N
-from .checkpoint import INDEX_NAME
+from .checkpoint import INDEX_NAME, nbytes
 from .config import ModelConfig, QuantConfig
 from .errors import ConfigError, OutputError
 from .writer import SafetensorsWriter, write_json_atomic
@@ -114,14 +114,7 @@ def master_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int
 
 def _plan_files(specs: list[N.TensorSpec], shards: int) -> list[list[N.TensorSpec]]:
     """Split tensors into ``shards`` files by bytes, keeping order; then move one scale to the next file."""
-    from .checkpoint import DTYPE_SIZE
-
-    sizes = []
-    for s in specs:
-        n = DTYPE_SIZE[s.dtype]
-        for d in s.shape:
-            n *= d
-        sizes.append(n)
+    sizes = [nbytes(s.dtype, s.shape) for s in specs]
     total = sum(sizes)
     files: list[list[N.TensorSpec]] = [[] for _ in range(shards)]
     acc = 0

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, DTYPE_SIZE
+from .checkpoint import DTYPE_NAMES, nbytes
+from .disk import free_bytes  # noqa: F401  (re-exported: stages import it from here)
 from .errors import OutputError
 
 MANIFEST_NAME = "dsv3-manifest.json"
@@ -234,9 +235,7 @@ def plan_header(
     for name, dtype, shape in entries:
         if name in offsets:
             raise ValueError(f"duplicate tensor {name!r} in one file")
-        n = DTYPE_SIZE[dtype]
-        for s in shape:
-            n *= s
+        n = nbytes(dtype, shape)
         offsets[name] = (pos, pos + n)
         hdr[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
@@ -468,11 +467,3 @@ def source_fingerprint(folder: str | Path, files: list[str]) -> list[list]:
         st = (Path(folder) / rel).stat()
         out.append([rel, st.st_size, st.st_mtime_ns])
     return out
-
-
-def free_bytes(folder: str | Path) -> int:
-    """Free space where ``folder`` is (or would be created)."""
-    p = Path(folder).resolve()
-    while not p.exists():
-        p = p.parent
-    return shutil.disk_usage(p).free
