@@ -34,6 +34,7 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -116,6 +117,14 @@ class Env:
     reader: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ reading this rank's weights
+    @functools.cached_property
+    def names_by_layer(self) -> dict[int | None, list[str]]:
+        """The checkpoint's tensor names grouped by layer (None: top-level), parsed once per model."""
+        out: dict[int | None, list[str]] = {}
+        for name in self.ck.tensors:
+            out.setdefault(N.parse_hf(name).layer, []).append(name)
+        return out
+
     def prefetch(self, names: list[str]) -> None:
         """Start reading ``names`` (host side) in the background; ``read`` takes them when asked."""
         if self.reader is None:
@@ -419,10 +428,8 @@ class Model:
         positions = torch.cat([torch.arange(T) for T in lens])
         rope = tuple(t.to(dev) for t in rope_tables(cfg, positions))
         streaming = self.layers is None
-        by_layer: dict[int | None, list[str]] = {}
+        by_layer = env.names_by_layer if streaming else {}
         if streaming:
-            for name in env.ck.tensors:
-                by_layer.setdefault(N.parse_hf(name).layer, []).append(name)
             env.prefetch(by_layer.get(cfg.main_layers[0], []) if len(cfg.main_layers) else [])
         with torch.inference_mode():
             # Streaming: each piece is read just before it is used and dropped right after; the next layer's bytes
