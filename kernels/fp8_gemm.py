@@ -12,6 +12,7 @@ and multiplies in f32, the same function up to f32 rounding.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -38,39 +39,54 @@ def fp8_gemm_ref(
     return (a2 @ w.T).to(out_dtype).reshape(*lead, N)
 
 
-# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages, tma), chosen per problem by ``pick_config``; the
-# benchmark sweeps them all. Measured on an H200 (docs/benchmarks.md): from M = 1024 the TMA kernel with 64 x 128
-# tiles and one warpgroup wins (790-906 TFLOP/s; several CTAs per SM overlap one CTA's scaling FMAs with another's
-# tensor-core work); below that the host-side descriptor costs more than it saves and the pointer kernel wins.
-# Issuing two K steps' products before scaling either was tried and lost (480 against 690).
-CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
-    (16, 64, 4, 6, 0),
-    (16, 64, 4, 6, 1),
-    (32, 64, 4, 6, 0),
-    (64, 64, 4, 5, 0),
-    (64, 128, 4, 3, 0),
-    (64, 128, 4, 4, 0),
-    (64, 128, 4, 3, 1),
-    (64, 128, 4, 4, 1),
-    (64, 128, 4, 5, 1),
-    (64, 256, 8, 3, 1),
-    (128, 128, 8, 3, 1),
-    (128, 128, 8, 4, 1),
-    (128, 256, 8, 3, 1),
+class GemmConfig(NamedTuple):
+    """How ``fp8_gemm`` tiles and schedules one product; the first five fields may be given by position."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    tma: int = 0  # 1: tiles loaded by the TMA copy engine (tensor descriptors); 0: pointer loads
+    persistent: int = 0  # TMA only, > 0: that many programs per SM, each looping over tiles
+    prefetch: int = 0  # TMA only: load the next K step's scales one iteration ahead
+    tma_store: int = 0  # TMA only: write the output tile through a tensor descriptor (asynchronous bulk store)
+    group_m: int = 8  # tiles along M that walk one band of N together (L2 reuse of B)
+    maxnreg: int = 0  # > 0: cap the registers per thread (168 lets three 4-warp CTAs share an SM)
+
+
+# Tile configurations, chosen per problem by ``pick_config``; benchmarks/gpu_kernels.py sweeps them all and
+# benchmarks/gpu_gemm_tune.py tunes the M >= 1024 schedule. Measured on an H200 (docs/benchmarks.md): from M = 1024
+# the TMA kernel with 64 x 128 tiles and one warpgroup wins; several CTAs per SM overlap one CTA's scaling FMAs
+# with another's tensor-core work, so the schedule is about occupancy. Three CTAs per SM (capped at 168 registers,
+# three pipeline stages = 72 KB of shared memory each, persistent) win where K is short; where K is long, two
+# (188 registers) with the scales prefetched and the output written by TMA. Below M ~ 1024 the host-side
+# descriptor costs more than it saves and the pointer kernel wins.
+SHORT_K = GemmConfig(64, 128, 4, 3, 1, persistent=3, maxnreg=168)
+LONG_K = GemmConfig(64, 128, 4, 3, 1, persistent=2, prefetch=1, tma_store=1, group_m=32)
+CONFIGS: tuple[GemmConfig, ...] = (
+    GemmConfig(16, 64, 4, 6),
+    GemmConfig(32, 64, 4, 6),
+    GemmConfig(64, 64, 4, 5),
+    GemmConfig(64, 128, 4, 4),
+    GemmConfig(64, 128, 4, 3, 1),
+    GemmConfig(64, 128, 4, 4, 1),
+    GemmConfig(128, 128, 8, 4, 1),
+    SHORT_K,
+    LONG_K,
 )
 
 
-def pick_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
+def pick_config(M: int, N: int, K: int) -> GemmConfig:
     """The tile configuration for an [M, K] x [N, K] product (from the H200 sweep)."""
     if M <= 16:
-        return (16, 64, 4, 6, 0)
+        return GemmConfig(16, 64, 4, 6)
     if M <= 32:
-        return (32, 64, 4, 6, 0)
+        return GemmConfig(32, 64, 4, 6)
     if M <= 64:
-        return (64, 64, 4, 5, 0)
+        return GemmConfig(64, 64, 4, 5)
     if M < 1024:
-        return (64, 128, 4, 4, 0)
-    return (64, 128, 4, 4, 1) if K >= 4096 else (64, 128, 4, 3, 1)
+        return GemmConfig(64, 128, 4, 4)
+    return LONG_K if K >= 4096 else SHORT_K
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -83,8 +99,28 @@ _kernel = None
 
 
 def _build():
+    # The two helpers become module globals: Triton resolves a kernel's callees through its module's globals.
+    global _tile_coords, _scaled
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _tile_coords(tile, num_m, num_n, GROUP_M):  # GROUP_M: a constexpr from the caller
+        # Grouped ordering: GROUP_M consecutive tiles walk down M over the same N band, so B tiles stay in L2.
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        return first_m + (tile % size_m), (tile % (GROUP_M * num_n)) // size_m
+
+    @triton.jit
+    def _scaled(p, a_s, b_s, ROW_SCALE):  # ROW_SCALE: a constexpr from the caller
+        # One K step's product times its two block scales. The scales change at every K step, so each step is
+        # scaled before it is accumulated (in f32 on the CUDA cores: this also bounds the FP8 tensor cores' short
+        # accumulation to 128 terms). With ROW_SCALE one weight scale covers the tile: a per-row factor.
+        if ROW_SCALE:
+            return p * (a_s * b_s)[:, None]
+        else:
+            return p * (a_s[:, None] * b_s[None, :])
 
     @triton.jit
     def fp8_gemm_kernel(
@@ -108,15 +144,7 @@ def _build():
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks on the K loads
         ROW_SCALE: tl.constexpr,  # SB_N % BLOCK_N == 0: one weight scale per K step for the whole tile
     ):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        # Grouped ordering: GROUP_M consecutive programs walk down M over the same N band, so B tiles stay in L2.
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % size_m)
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -127,8 +155,7 @@ def _build():
         a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :]
         a_s_ptrs = a_s_ptr + rows_a * KB
-        b_s_ptrs = b_s_ptr + (rows_b // SB_N) * KB
-        b_s_tile = b_s_ptr + (pid_n * BLOCK_N // SB_N) * KB
+        b_s_ptrs = (b_s_ptr + (pid_n * BLOCK_N // SB_N) * KB) if ROW_SCALE else (b_s_ptr + (rows_b // SB_N) * KB)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, KB):
             if EVEN_K:
@@ -137,63 +164,82 @@ def _build():
             else:  # the ragged last K block reads zeros past K (its scales cover the real channels only)
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < K - kb * BLOCK_K, other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[None, :] < K - kb * BLOCK_K, other=0.0)
-            # The block scales change at every K step, so each step's product is scaled before it is accumulated
-            # (in f32 on the CUDA cores: this also bounds the FP8 tensor cores' short accumulation to 128 terms).
-            if ROW_SCALE:  # a per-row factor: one FMA per accumulator element
-                acc += tl.dot(a, tl.trans(b)) * (tl.load(a_s_ptrs + kb) * tl.load(b_s_tile + kb))[:, None]
-            else:
-                acc += tl.dot(a, tl.trans(b)) * (tl.load(a_s_ptrs + kb)[:, None] * tl.load(b_s_ptrs + kb)[None, :])
+            acc += _scaled(tl.dot(a, tl.trans(b)), tl.load(a_s_ptrs + kb), tl.load(b_s_ptrs + kb), ROW_SCALE)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        c = acc.to(c_ptr.dtype.element_ty)
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], c, mask=mask)
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def fp8_gemm_tma_kernel(
         a_desc,  # tensor descriptor of A [M, K] float8_e4m3fn, block [BLOCK_M, BLOCK_K]; zero fill past the edges
         b_desc,  # tensor descriptor of B [N, K] float8_e4m3fn, block [BLOCK_N, BLOCK_K]
-        c_ptr,  # [M, N] output, row-major
+        c,  # TMA_STORE: tensor descriptor of C [M, N], block [BLOCK_M, BLOCK_N]; else C's pointer (row-major)
         a_s_ptr,  # [M, KB] f32 activation scales
         b_s_ptr,  # [ceil(N / SB_N), KB] f32 weight block scales
         M,
         N,
         stride_cm,
         KB,
+        num_programs,  # programs in the grid: program p does tiles p, p + num_programs, ...
         SB_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         ROW_SCALE: tl.constexpr,
+        PREFETCH: tl.constexpr,  # load the next K step's scales one iteration ahead
+        TMA_STORE: tl.constexpr,
     ):
         # The same product as fp8_gemm_kernel, with tiles brought in by the bulk tensor copy engine (TMA), which
-        # also zero-fills ragged edges, so no masks or clamped addresses are needed.
-        pid = tl.program_id(0)
+        # also zero-fills ragged edges, so no masks or clamped addresses are needed. With as many programs as
+        # tiles each program does one tile; a persistent grid (a few programs per SM) loops over them.
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % size_m)
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        a_s_ptrs = a_s_ptr + tl.minimum(offs_m, M - 1) * KB
-        b_s_ptrs = b_s_ptr + (tl.minimum(offs_n, N - 1) // SB_N) * KB
-        b_s_tile = b_s_ptr + (pid_n * BLOCK_N // SB_N) * KB
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, KB):
-            a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
-            b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs):
+            pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+            a_s_ptrs = a_s_ptr + tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M - 1) * KB
             if ROW_SCALE:
-                acc += tl.dot(a, tl.trans(b)) * (tl.load(a_s_ptrs + kb) * tl.load(b_s_tile + kb))[:, None]
+                b_s_ptrs = b_s_ptr + (pid_n * BLOCK_N // SB_N) * KB
             else:
-                acc += tl.dot(a, tl.trans(b)) * (tl.load(a_s_ptrs + kb)[:, None] * tl.load(b_s_ptrs + kb)[None, :])
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+                b_s_ptrs = b_s_ptr + (tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1) // SB_N) * KB
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if PREFETCH:
+                sa_next = tl.load(a_s_ptrs)
+                sb_next = tl.load(b_s_ptrs)
+            for kb in range(0, KB):
+                a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
+                b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
+                if PREFETCH:
+                    sa = sa_next
+                    sb = sb_next
+                    sa_next = tl.load(a_s_ptrs + tl.minimum(kb + 1, KB - 1))
+                    sb_next = tl.load(b_s_ptrs + tl.minimum(kb + 1, KB - 1))
+                else:
+                    sa = tl.load(a_s_ptrs + kb)
+                    sb = tl.load(b_s_ptrs + kb)
+                acc += _scaled(tl.dot(a, tl.trans(b)), sa, sb, ROW_SCALE)
+            if TMA_STORE:
+                c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c.dtype))
+            else:
+                offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+                tl.store(c + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c.dtype.element_ty), mask=mask)
 
     return fp8_gemm_kernel, fp8_gemm_tma_kernel
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # the interpreter: a tiny "GPU", so that persistent programs loop over several tiles
+        return 2
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
 
 
 def fp8_gemm(
@@ -203,9 +249,9 @@ def fp8_gemm(
     b_s: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
     block: tuple[int, int] = (128, 128),
-    config: tuple[int, int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``fp8_gemm_ref`` (same contract); ``config`` overrides ``pick_config``."""
+    """Triton version of ``fp8_gemm_ref`` (same contract); ``config`` (a ``GemmConfig``) overrides ``pick_config``."""
     global _kernel
     _check_device(a)
     if block[1] != BLOCK_K:
@@ -229,24 +275,31 @@ def fp8_gemm(
         b_s.shape,
     )
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
-    if M and N:
-        bm, bn, warps, stages, tma = config or pick_config(M, N, K)
-        grid = (-(-M // bm) * -(-N // bn),)
-        row_scale = block[0] % bn == 0
-        # The copy engine needs 16-byte aligned rows (K % 16 == 0 for FP8) and a GPU.
-        if tma and K % 16 == 0 and a.is_cuda and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0:
-            from triton.tools.tensor_descriptor import TensorDescriptor
+    if not (M and N):
+        return c.reshape(*lead, N)
+    cfg = GemmConfig(*(config or pick_config(M, N, K)))
+    bm, bn = cfg.block_m, cfg.block_n
+    tiles = -(-M // bm) * -(-N // bn)
+    row_scale = block[0] % bn == 0
+    # The copy engine needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
+    if cfg.tma and K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0:
+        from triton.tools.tensor_descriptor import TensorDescriptor
 
-            a_desc = TensorDescriptor.from_tensor(a2, [bm, BLOCK_K])
-            b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K])
-            _kernel[1][grid](
-                a_desc, b_desc, c, a_s2, b_s, M, N, c.stride(0), KB, SB_N=block[0], BLOCK_M=bm, BLOCK_N=bn,
-                BLOCK_K=BLOCK_K, GROUP_M=8, ROW_SCALE=row_scale, num_warps=warps, num_stages=stages,
-            )  # fmt: skip
-        else:
-            _kernel[0][grid](
-                a2, b, c, a_s2, b_s, M, N, K, a2.stride(0), b.stride(0), c.stride(0), KB, SB_N=block[0], BLOCK_M=bm,
-                BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale,
-                num_warps=warps, num_stages=stages,
-            )  # fmt: skip
+        a_desc = TensorDescriptor.from_tensor(a2, [bm, BLOCK_K])
+        b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K])
+        tma_store = cfg.tma_store and (N * c.element_size()) % 16 == 0
+        c_arg = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
+        programs = min(tiles, cfg.persistent * _num_sms(a.device)) if cfg.persistent else tiles
+        _kernel[1][(programs,)](
+            a_desc, b_desc, c_arg, a_s2, b_s, M, N, c.stride(0), KB, programs, SB_N=block[0],
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, ROW_SCALE=row_scale,
+            PREFETCH=bool(cfg.prefetch), TMA_STORE=bool(tma_store), num_warps=cfg.warps, num_stages=cfg.stages,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        )  # fmt: skip
+    else:
+        _kernel[0][(tiles,)](
+            a2, b, c, a_s2, b_s, M, N, K, a2.stride(0), b.stride(0), c.stride(0), KB, SB_N=block[0],
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale,
+            num_warps=cfg.warps, num_stages=cfg.stages,
+        )  # fmt: skip
     return c.reshape(*lead, N)

@@ -48,12 +48,22 @@ def test_act_quant_bit_identical(fmt: str | None, shape: tuple[int, int], dtype:
 
 
 @pytest.mark.parametrize(
-    "mnk", [(4096, 7168, 2048), (16, 18432, 7168), (128, 7168, 2048), (37, 576, 7168), (5, 300, 200)]
+    "mnk",
+    [
+        (4096, 7168, 2048),
+        (4096, 2048, 7168),
+        (16, 18432, 7168),
+        (128, 7168, 2048),
+        (37, 576, 7168),
+        (5, 300, 200),
+        (1100, 300, 4096),  # ragged M and N; 600-byte bf16 rows: no TMA store (f32 rows of 1200 bytes: TMA)
+        (2049, 1000, 1536),
+    ],
 )
-@pytest.mark.parametrize("tma", [0, 1])
-def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], tma: int) -> None:
+@pytest.mark.parametrize("schedule", ["pick", "pointer", "short_k", "long_k"])
+def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], schedule: str) -> None:
     from dsv3_tools.kernels.act_quant import act_quant_ref
-    from dsv3_tools.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, pick_config
+    from dsv3_tools.kernels.fp8_gemm import LONG_K, SHORT_K, GemmConfig, fp8_gemm, fp8_gemm_ref, pick_config
     from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
     M, N, K = mnk
@@ -61,7 +71,8 @@ def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], tma: int) -> None
     w = torch.randn(N, K, device="cuda")
     q, ws = weight_quant_ref(w)
     aq, as_ = act_quant_ref(a)
-    cfg = pick_config(M, N, K)[:4] + (tma,)
+    cfg = {"pick": pick_config(M, N, K), "pointer": GemmConfig(64, 128, 4, 4), "short_k": SHORT_K, "long_k": LONG_K}
+    cfg = cfg[schedule]
     got = fp8_gemm(aq, as_, q, ws, torch.float32, config=cfg)
     want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
     err = ((got - want).norm() / want.norm()).item()

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from dsv3_tools.kernels.act_quant import act_quant, act_quant_ref
-from dsv3_tools.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_ref
 from dsv3_tools.kernels.weight_dequant import weight_dequant, weight_dequant_ref
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
@@ -171,23 +171,25 @@ def test_fp8_path_error_is_activation_quantization_level(fmt: str | None) -> Non
 
 
 @interpreted
-def test_fp8_gemm_tma_kernel_interpreted() -> None:
-    """The TMA variant (used on the GPU from M = 1024) on ragged M, N and K, launched directly."""
-    from dsv3_tools.kernels import fp8_gemm as G
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    G.fp8_gemm(*act_quant_ref(torch.randn(1, 128)), *weight_quant_ref(torch.randn(1, 128)))  # builds the kernels
-    M, N, K = 21, 200, 320
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GemmConfig(16, 64, 4, 3, tma=1),
+        GemmConfig(16, 64, 4, 3, tma=1, persistent=1, maxnreg=168),
+        GemmConfig(16, 64, 4, 3, tma=1, persistent=2, prefetch=1, group_m=2),
+        GemmConfig(16, 64, 4, 3, tma=1, tma_store=1),
+        GemmConfig(16, 128, 4, 3, tma=1, persistent=1, prefetch=1, tma_store=1, group_m=16),
+        GemmConfig(16, 256, 4, 3, tma=1, prefetch=1),  # a tile wider than a weight block: per-column scales
+        GemmConfig(16, 256, 4, 3),  # the pointer kernel, likewise
+    ],
+)
+def test_fp8_gemm_tma_kernel_interpreted(cfg: GemmConfig) -> None:
+    """The TMA kernel (used on the GPU from M = 1024) and its variants, on ragged M, N and K: with a persistent
+    grid of 2 or 4 programs (the interpreter's "GPU" has 2 SMs) each program loops over several of the tiles."""
+    M, N, K = 24, 200, 320
     aq, a_s = act_quant_ref(torch.randn(M, K, generator=_gen(9)))
     q, w_s = weight_quant_ref(torch.randn(N, K, generator=_gen(10)))
     want = _gemm_by_blocks(aq, a_s, q, w_s)
-    c = torch.empty(M, N)
-    bm, bn = 16, 64
-    grid = (-(-M // bm) * -(-N // bn),)
-    a_desc, b_desc = TensorDescriptor.from_tensor(aq, [bm, 128]), TensorDescriptor.from_tensor(q, [bn, 128])
-    G._kernel[1][grid](
-        a_desc, b_desc, c, a_s, w_s, M, N, c.stride(0), 3, SB_N=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8,
-        ROW_SCALE=True,
-    )  # fmt: skip
-    err = ((c.double() - want).norm() / want.norm()).item()
-    assert err < 1e-6, err
+    got = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 1e-6, f"{cfg}: relative error {err:.2e}"
