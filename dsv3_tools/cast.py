@@ -31,7 +31,6 @@ from . import names as N
 from .checkpoint import DTYPE_SIZE, DTYPES, INDEX_NAME, Checkpoint, TensorInfo, nbytes, open_checkpoint
 from .errors import ConfigError, Dsv3Error, LayoutError, OutputError
 from .writer import (
-    MANIFEST_NAME,
     PARTIAL_SUFFIX,
     Manifest,
     SafetensorsWriter,
@@ -39,6 +38,7 @@ from .writer import (
     free_bytes,
     plan_header,
     read_manifest,
+    sidecar_files,
     source_fingerprint,
     tensor_bytes,
     write_json_atomic,
@@ -133,7 +133,7 @@ def cast_fp8_to_bf16(
     block = cfg.block_size
     plans, dropped = _plan(ck, FP8_BF16, mtp=mtp, selected=set(), block=block)
     fp8_weights = sorted(op.info.name for p in plans for op in p.ops if op.kind == "dequant")
-    sidecars = _sidecars(src)
+    sidecars = sidecar_files(src)
     job = {
         "stage": "cast",
         "direction": FP8_BF16,
@@ -188,7 +188,7 @@ def cast_bf16_to_fp8(
                 f"tensor {name!r}: cannot quantize {info.dtype}{list(info.shape)} (listed by the {origin})"
             )
     plans, dropped = _plan(ck, BF16_FP8, mtp=mtp, selected=selected, block=block)
-    sidecars = _sidecars(src)
+    sidecars = sidecar_files(src)
     fmt = None if scale_fmt == "f32" else scale_fmt
     job = {
         "stage": "cast",
@@ -293,19 +293,6 @@ def _plan(
     return plans, dropped
 
 
-def _sidecars(src: Path) -> list[str]:
-    """Every other file of the input folder (tokenizer, generation config, remote code, README, LICENSE, ...)."""
-    out = []
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src).as_posix()
-        if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
-            continue  # hidden: download caches, partial files
-        if rel in (INDEX_NAME, "config.json", MANIFEST_NAME) or rel.endswith(".safetensors"):
-            continue
-        out.append(rel)
-    return out
-
-
 def _fingerprint(src: Path, ck: Checkpoint, sidecars: list[str]) -> list:
     return source_fingerprint(src, [*ck.files, "config.json", *sidecars])
 
@@ -375,9 +362,7 @@ def _run(
             written += 1
         for rel in sidecars:
             if not man.is_done(rel):
-                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                rec = copy_file_atomic(src / rel, dst / rel)
-                man.record(_renamed(rec, rel), kind="sidecar")
+                man.record(copy_file_atomic(src / rel, dst / rel, rel), kind="sidecar")
         # Index and config last: a folder that looks loadable is a finished one.
         if ck.layout == "hf-sharded":
             wmap = {name: p.name for p in plans for name, _, _ in p.entries}
@@ -392,13 +377,6 @@ def _run(
         torch.set_num_threads(old_threads)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def _renamed(rec, rel: str):
-    """copy_file_atomic names records by file name; sidecars in sub-folders need their relative path."""
-    from .writer import FileRecord
-
-    return FileRecord(rel, rec.size, rec.sha256)
 
 
 def _finished_before(dst: Path, job: dict) -> set[str]:

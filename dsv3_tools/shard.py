@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 
 from . import names as N
-from .checkpoint import INDEX_NAME, MP_HF_CONFIG, Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import MP_HF_CONFIG, Checkpoint, TensorInfo, open_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, OutputError, ShardingError
 from .writer import (
-    MANIFEST_NAME,
+    MP_SIDECAR_PATTERNS,
     PARTIAL_SUFFIX,
     Manifest,
     SafetensorsWriter,
@@ -49,13 +49,13 @@ from .writer import (
     free_bytes,
     plan_header,
     read_manifest,
+    sidecar_files,
     source_fingerprint,
     write_json_atomic,
 )
 
 Progress = Callable[[int], None]
 CHUNK = 32 << 20  # bytes per read (two in flight): bounds memory whatever the tensor size
-SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "LICENSE*", "README*")
 MTP_MODES = ("drop", "keep")
 
 
@@ -247,11 +247,6 @@ def _int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def _sidecars(src: Path) -> list[str]:
-    found = {p.name for pat in SIDECAR_PATTERNS for p in src.glob(pat) if p.is_file()}
-    return sorted(found - {INDEX_NAME, "config.json", MANIFEST_NAME})
-
-
 # ---------------------------------------------------------------------- the stage
 def shard_checkpoint(
     src: str | Path,
@@ -306,7 +301,7 @@ def _shard(
     for r in range(mp):
         header, offsets = plan_header(entries[r], {"format": "pt"})
         sizes.append(len(header) + max((e for _, e in offsets.values()), default=0))
-    sidecars = _sidecars(src)
+    sidecars = sidecar_files(src, MP_SIDECAR_PATTERNS)
     model_args = demo_model_args(cfg)
     job = {
         "stage": "shard",

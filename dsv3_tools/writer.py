@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, nbytes
+from .checkpoint import DTYPE_NAMES, INDEX_NAME, nbytes
 from .disk import free_bytes  # noqa: F401  (re-exported: stages import it from here)
 from .errors import OutputError
 
@@ -347,14 +347,40 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def copy_file_atomic(src: Path, dst: Path) -> FileRecord:
-    """Copy a sidecar file (tokenizer, config, README ...) atomically, hashing it."""
+def copy_file_atomic(src: Path, dst: Path, name: str | None = None) -> FileRecord:
+    """Copy a sidecar file (tokenizer, config, README ...) atomically, hashing it; the record is called ``name``
+    (default: the file name; a sidecar in a sub-folder is recorded by its relative path)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name("." + dst.name + PARTIAL_SUFFIX)
     shutil.copyfile(src, tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, dst)
-    return FileRecord(dst.name, dst.stat().st_size, sha256_file(dst))
+    return FileRecord(name or dst.name, dst.stat().st_size, sha256_file(dst))
+
+
+# Which of the input's other files travel with the weights. An HF-folder output (cast) keeps every one of them,
+# remote code included, so that it loads the way the input did. The model-parallel layout (shard) is not a folder
+# transformers can load: it keeps what the official demo reads beside the shards (tokenizer, generation config)
+# and the license and README.
+MP_SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "LICENSE*", "README*")
+NOT_SIDECARS = ("config.json", INDEX_NAME, MANIFEST_NAME)
+
+
+def sidecar_files(src: Path, patterns: tuple[str, ...] | None = None) -> list[str]:
+    """Relative paths (sorted) of the files of ``src`` to copy beside new weights: with ``patterns``, the top-level
+    files matching one; without, every file in any sub-folder. Never the weights, their index, ``config.json``
+    (each stage writes its own), the manifest, or hidden files (download caches, partial files)."""
+    out = []
+    found = (p for pat in patterns for p in src.glob(pat)) if patterns is not None else src.rglob("*")
+    for p in found:
+        rel = p.relative_to(src).as_posix()
+        if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if rel in NOT_SIDECARS or rel.endswith(".safetensors"):
+            continue
+        out.append(rel)
+    return sorted(set(out))
 
 
 def write_bytes_atomic(dst: Path, data: bytes) -> FileRecord:

@@ -23,7 +23,7 @@ from dsv3_tools import names as N
 from dsv3_tools.checkpoint import INDEX_NAME, open_checkpoint
 from dsv3_tools.config import ModelConfig
 from dsv3_tools.errors import CheckpointError, MissingScaleError, OrphanScaleError, OutputError, ScaleShapeError
-from dsv3_tools.writer import MANIFEST_NAME, SafetensorsWriter
+from dsv3_tools.writer import MANIFEST_NAME, MP_SIDECAR_PATTERNS, SafetensorsWriter, sidecar_files
 
 
 # ---------------------------------------------------------------------- independent references
@@ -195,6 +195,19 @@ def test_fp8_to_bf16_values_and_passthrough(tiny_fp8: Path, bf16_out: Path) -> N
             assert same_bytes(ov, v), f"{name}: not byte-identical"
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     assert out[bias][1].dtype == torch.float32
+
+
+def test_sidecar_rules(tmp_path: Path) -> None:
+    """cast (an HF folder) keeps every other file, sub-folders included; shard (MP layout) only the tokenizer,
+    generation config, license and README; neither takes weights, index, config, manifest or hidden files."""
+    for rel in ("config.json", INDEX_NAME, MANIFEST_NAME, "model-00001-of-00002.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "generation_config.json", "modeling_deepseek.py", "LICENSE", "README.md",
+                "figures/benchmark.png", ".cache/huggingface/download/x.metadata", ".tokenizer.json.partial"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    shared = ["LICENSE", "README.md", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sidecar_files(tmp_path) == sorted([*shared, "figures/benchmark.png", "modeling_deepseek.py"])
+    assert sidecar_files(tmp_path, MP_SIDECAR_PATTERNS) == shared
 
 
 def test_fp8_to_bf16_folder(tiny_fp8: Path, bf16_out: Path) -> None:
