@@ -152,7 +152,7 @@ def cast_bf16_to_fp8(
     src: str | Path,
     dst: str | Path,
     *,
-    scale_fmt: str = "f32",
+    scale_fmt: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),
     mtp: str = "keep",
     dry_run: bool = False,
@@ -161,11 +161,12 @@ def cast_bf16_to_fp8(
     """Re-quantize a BF16 checkpoint folder to DeepSeek's block-FP8 format in a new folder ``dst``.
 
     The weights quantized are those that were FP8 before ``cast fp8-bf16`` (from its manifest in ``src``), or
-    else ``names.quantizable_weights``; minus any matching an ``ignore`` fnmatch pattern.
+    else ``names.quantizable_weights``; minus any matching an ``ignore`` fnmatch pattern. ``scale_fmt`` None: the
+    original checkpoint's (ue8m0 if its quantization_config, kept in that manifest, said so), else f32.
     """
     src, dst = Path(src), Path(dst)
     _check_mtp(mtp)
-    if scale_fmt not in SCALE_FMTS:
+    if scale_fmt is not None and scale_fmt not in SCALE_FMTS:
         raise ConfigError(f"--scale-fmt must be one of {', '.join(SCALE_FMTS)}, got {scale_fmt!r}")
     ck = _open_input(src)
     cfg = ck.config
@@ -180,6 +181,8 @@ def cast_bf16_to_fp8(
     else:
         wanted, origin = set(N.quantizable_weights(cfg)), "name table"
         orig_qc, block = {}, (128, 128)
+    if scale_fmt is None:
+        scale_fmt = "ue8m0" if orig_qc.get("scale_fmt") == "ue8m0" else "f32"
     selected = {n for n in wanted if n in ck.tensors and not any(fnmatch.fnmatchcase(n, p) for p in ignore)}
     for name in sorted(selected):
         info = ck.tensors[name]

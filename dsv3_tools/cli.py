@@ -363,7 +363,13 @@ def cast_fp8_bf16(
 def cast_bf16_fp8(
     src: Annotated[Path, typer.Argument(help="BF16 Hugging Face checkpoint folder.")],
     dst: Annotated[Path, typer.Argument(help="New folder for the block-FP8 checkpoint (or the same, to resume).")],
-    scale_fmt: Annotated[str, typer.Option(help="f32 (amax / 448) or ue8m0 (power of two, rounded up).")] = "f32",
+    scale_fmt: Annotated[
+        str | None,
+        typer.Option(
+            help="f32 (amax / 448) or ue8m0 (power of two, rounded up); default: the original checkpoint's "
+            "(from the fp8-bf16 manifest), else f32."
+        ),
+    ] = None,
     ignore: Annotated[
         list[str] | None, typer.Option(help="Keep weights matching this fnmatch pattern in BF16 (repeatable).")
     ] = None,

@@ -280,7 +280,7 @@ def test_round_trip_f32_scales(tiny_fp8: Path, bf16_out: Path, tmp_path: Path) -
 def test_round_trip_ue8m0(tiny_fp8_ue8m0: Path, tmp_path: Path) -> None:
     b1, f2, b2 = tmp_path / "b1", tmp_path / "f2", tmp_path / "b2"
     C.cast_fp8_to_bf16(tiny_fp8_ue8m0, b1, device="cpu")
-    C.cast_bf16_to_fp8(b1, f2, scale_fmt="ue8m0")
+    C.cast_bf16_to_fp8(b1, f2)  # no --scale-fmt: the original's, from the fp8-bf16 manifest
     qc = json.loads((f2 / "config.json").read_text())["quantization_config"]
     assert qc["scale_fmt"] == "ue8m0" and qc["weight_block_size"] == [128, 128]
     for name, (_, s) in tensors_of(f2).items():
@@ -292,6 +292,10 @@ def test_round_trip_ue8m0(tiny_fp8_ue8m0: Path, tmp_path: Path) -> None:
     assert set(first) == set(second)
     for name, (_, v) in first.items():
         assert same_bytes(second[name][1], v), f"{name}: {first_diff(second[name][1], v)}"
+    f3 = tmp_path / "f3"  # an explicit --scale-fmt wins over the original's
+    C.cast_bf16_to_fp8(b1, f3, scale_fmt="f32")
+    assert "scale_fmt" not in json.loads((f3 / "config.json").read_text())["quantization_config"]
+    assert any(not bool((torch.frexp(s)[0] == 0.5).all()) for n, (_, s) in tensors_of(f3).items() if "_scale" in n)
 
 
 def test_bf16_to_fp8_without_manifest_and_ignore(tiny_bf16: Path, tmp_path: Path) -> None:
