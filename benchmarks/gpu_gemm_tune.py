@@ -37,7 +37,6 @@ CANDIDATES = [
     C(64, 128, 4, 3, 1, prefetch=1),
     C(128, 128, 8, 4, 1, persistent=1, prefetch=1),
 ]
-ROUNDS = 7
 ROUNDS = 3
 
 
