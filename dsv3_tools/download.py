@@ -418,8 +418,50 @@ class _Stopped(Exception):
     pass
 
 
-def _fetch(layout, f: FileEntry, repo_id: str, commit: str, endpoint: str, token, progress, stop) -> Path:
-    """Bring ``f``'s partial file up to its full size with huggingface_hub's ``http_get`` (Range when resuming)."""
+class _HashingFile:
+    """What ``http_get`` writes to: the partial file, plus a running hash of everything in it (the bytes already
+    there are hashed once, when it is opened), so that a fetched file is verified without being read again. If
+    ``http_get`` rewinds it (a server that ignored the Range header), the running hash is dropped: ``digest()``
+    returns None and the caller hashes the finished file instead."""
+
+    def __init__(self, fh, h) -> None:
+        self.fh, self.h = fh, h
+
+    def write(self, b) -> int:
+        n = self.fh.write(b)
+        if self.h is not None:
+            self.h.update(b)
+        return n
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.h = None
+        return self.fh.seek(pos, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        self.h = None
+        return self.fh.truncate(size)
+
+    def digest(self) -> str | None:
+        return None if self.h is None else self.h.hexdigest()
+
+
+def _new_hash(f: FileEntry):
+    """The hash the Hub gives for ``f``: sha256 of the content (LFS), or git's blob id (sha1 of a header + content)."""
+    if f.sha256:
+        return hashlib.sha256()
+    if f.blob_id:
+        h = hashlib.sha1()
+        h.update(b"blob %d\0" % f.size)
+        return h
+    return None
+
+
+def _fetch(layout, f: FileEntry, repo_id, commit, endpoint, token, progress, stop, hash_it) -> tuple[Path, str | None]:
+    """Bring ``f``'s partial file up to its full size with huggingface_hub's ``http_get`` (Range when resuming);
+    with ``hash_it``, also its digest (None: hash the file afterwards)."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
@@ -427,9 +469,13 @@ def _fetch(layout, f: FileEntry, repo_id: str, commit: str, endpoint: str, token
     part = layout.partial(f)
     part.parent.mkdir(parents=True, exist_ok=True)
     have = part.stat().st_size if part.exists() else 0
+    h = _new_hash(f) if hash_it else None
+    if h is not None and have:
+        _hash_into(h, part)
     url = hf_hub_url(repo_id, f.name, revision=commit, endpoint=endpoint)
     headers = build_hf_headers(token=token)
-    with open(part, "ab") as out:
+    with open(part, "ab") as fh:
+        out = _HashingFile(fh, h)
         http_get(
             url,
             out,
@@ -439,7 +485,7 @@ def _fetch(layout, f: FileEntry, repo_id: str, commit: str, endpoint: str, token
             displayed_filename=f.name,
             tqdm_class=lambda **kw: _Counter(f, progress, stop, **kw),
         )
-    return part
+    return part, out.digest()
 
 
 def _transfer(layout, todo, repo_id, commit, endpoint, token, max_workers, verify, repair, progress, on_file) -> None:
@@ -461,8 +507,8 @@ def _transfer(layout, todo, repo_id, commit, endpoint, token, max_workers, verif
                 # The library's per-file lock keeps a concurrent hf_hub_download of the same file out. It is not
                 # reentrant, and install() takes it again to write the metadata, so it is released first.
                 with WeakFileLock(lock):
-                    part = _fetch(layout, f, repo_id, commit, endpoint, token, progress, stop)
-                    problem = _check_file(part, f, hash_it=verify, header=verify)
+                    part, digest = _fetch(layout, f, repo_id, commit, endpoint, token, progress, stop, verify)
+                    problem = _check_file(part, f, hash_it=verify, header=verify, digest=digest)
                     if problem is not None:
                         # Never keep bytes that disagree with the Hub: the next attempt (or run) starts from zero.
                         part.unlink(missing_ok=True)
@@ -508,28 +554,35 @@ def _status(e: Exception) -> int | None:
     return getattr(resp, "status_code", None)
 
 
-def _hash(path: Path, algo: str, prefix: bytes = b"") -> str:
-    h = hashlib.new(algo)
-    h.update(prefix)
+def _hash_into(h, path: Path) -> None:
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
             h.update(view[:n])
+
+
+def _hash(path: Path, algo: str, prefix: bytes = b"") -> str:
+    h = hashlib.new(algo)
+    h.update(prefix)
+    _hash_into(h, path)
     return h.hexdigest()
 
 
-def _check_file(path: Path, f: FileEntry, *, hash_it: bool = True, header: bool = True) -> str | None:
-    """None when ``path`` holds exactly ``f`` (size, then LFS sha256 or git blob id, then safetensors header)."""
+def _check_file(
+    path: Path, f: FileEntry, *, hash_it: bool = True, header: bool = True, digest: str | None = None
+) -> str | None:
+    """None when ``path`` holds exactly ``f`` (size, then LFS sha256 or git blob id, then safetensors header);
+    ``digest``: the file's hash, computed while it was written (else it is read and hashed here)."""
     size = path.stat().st_size
     if size != f.size:
         return f"size {size} bytes, the Hub says {f.size}"
     if hash_it and f.sha256:
-        got = _hash(path, "sha256")
+        got = digest or _hash(path, "sha256")
         if got != f.sha256:
             return f"sha256 {got[:16]}... differs from the Hub's {f.sha256[:16]}..."
     elif hash_it and f.blob_id:
-        got = _hash(path, "sha1", b"blob %d\0" % size)
+        got = digest or _hash(path, "sha1", b"blob %d\0" % size)
         if got != f.blob_id:
             return f"git blob id {got[:12]}... differs from the Hub's {f.blob_id[:12]}..."
     if header and f.name.endswith(".safetensors"):

@@ -71,6 +71,7 @@ class HubState:
     throttle_bps: int | None = None  # bytes per second per response body
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> close the connection after K body bytes (once)
     corrupt: dict[str, int] = field(default_factory=dict)  # path -> offset of a byte served XOR 0xFF
+    ignore_range: bool = False  # answer a Range request with 200 and the whole file (servers that do)
     served: dict[str, int] = field(default_factory=dict)  # path -> GET body bytes sent
     gets: list[GetRecord] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)
@@ -252,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         start, status = 0, 200
         rng = self.headers.get("Range")
-        if rng:
+        if rng and not st.ignore_range:
             # Only the form the client sends: "bytes=START-" (resume).
             spec = rng.strip().removeprefix("bytes=")
             start = int(spec.split("-", 1)[0])

@@ -326,6 +326,30 @@ def test_corrupt_transfer_is_named_and_fetched_again(hub, tmp_path, main_files):
     assert_same_files(out, main_files)
 
 
+def test_hashes_while_writing_and_after_a_rewind(hub, tmp_path, monkeypatch, main_files):
+    """A fetched file's sha256 / blob id is computed as it is written (no second read of the file); when the server
+    ignores a resume's Range header, http_get rewinds the file and the finished file is hashed instead."""
+    rehashed: list[str] = []
+    real_hash = D._hash
+    monkeypatch.setattr(D, "_hash", lambda path, *a: rehashed.append(Path(path).name) or real_hash(path, *a))
+    out = tmp_path / "out"
+    r = fetch(hub, tmp_path, local_dir=out)
+    assert r.ok, r.problems
+    assert rehashed == [], f"re-read to verify: {rehashed}"
+    assert_same_files(out, main_files)
+
+    out2 = tmp_path / "out2"
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # so that bytes before the cut are kept
+    hub.state.reset_counters()
+    hub.state.cut_after[SHARD2] = 100_000  # the connection drops once; http_get resumes within the run
+    hub.state.ignore_range = True  # ... and this server answers the Range request with the whole file
+    r = fetch(hub, tmp_path, local_dir=out2)
+    assert r.ok, r.problems
+    assert any(g.path == SHARD2 and g.range for g in hub.state.gets), "no resume was attempted"
+    assert len(rehashed) == 1, rehashed  # the rewound file only (its partial), hashed once it was complete
+    assert_same_files(out2, main_files)
+
+
 def test_repair_rehashes_files_already_present(hub, tmp_path, main_files):
     out = tmp_path / "out"
     assert fetch(hub, tmp_path, local_dir=out).ok
