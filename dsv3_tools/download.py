@@ -123,7 +123,8 @@ def download(
     the plan with a margin, unless ``force``; ``dry_run`` returns the plan. Complete files are kept, partial ones
     continue with a Range request. With ``verify`` each fetched file is checked (size, LFS sha256 or git blob id,
     safetensors header) before it is moved into place, and every file the index names must be present.
-    ``repair`` also re-hashes files already present and fetches again any that fail. ``progress(n)`` is called
+    ``repair`` also re-hashes files already present and fetches again any that fail (offline: names them, against
+    the sha256 / blob id recorded when they were fetched). ``progress(n)`` is called
     with the bytes received; ``on_file(entry)`` when a file is done. Endpoint, token, cache and offline mode default
     to huggingface_hub's settings (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE``).
     """
@@ -136,7 +137,7 @@ def download(
     if offline is None:
         offline = constants.is_offline_mode()
     if offline:
-        return _offline(repo_id, revision, local, cache_dir, allow, ignore, verify)
+        return _offline(repo_id, revision, local, cache_dir, allow, ignore, verify, repair)
 
     t0 = time.monotonic()
     commit, files, repo_names = _list_files(repo_id, revision, endpoint, token, allow, ignore)
@@ -678,8 +679,9 @@ def _literal(name: str) -> str:
 # --- offline -------------------------------------------------------------------------------------------------------
 
 
-def _offline(repo_id, revision, local: Path | None, cache_dir: Path, allow, ignore, verify: bool) -> DownloadReport:
-    """HF_HUB_OFFLINE: no request at all; locate the copy through huggingface_hub and check what it holds."""
+def _offline(repo_id, revision, local: Path | None, cache_dir: Path, allow, ignore, verify, repair) -> DownloadReport:
+    """HF_HUB_OFFLINE: no request at all; locate the copy through huggingface_hub and check what it holds (with
+    ``repair``, also each file's hash against the one recorded when it was fetched)."""
     from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
     from huggingface_hub.utils import filter_repo_objects
@@ -736,8 +738,12 @@ def _offline(repo_id, revision, local: Path | None, cache_dir: Path, allow, igno
         if not p.is_file():
             f.state, f.problem = "failed", "missing from the local copy"
         else:
-            # No sha256 offline (the listing API gives sizes and blob ids only); sizes and headers are cheap.
-            f.problem = _check_file(p, f, hash_it=False, header=verify)
+            # Sizes and headers are cheap; hashes (with repair) are checked against the etag the download recorded.
+            etag = _recorded_etag(p, f.name, local) if repair else None
+            want = FileEntry(
+                f.name, f.size, etag if etag and len(etag) == 64 else None, etag if etag and len(etag) == 40 else None
+            )
+            f.problem = _check_file(p, want, hash_it=bool(etag), header=verify)
             f.state = "bad" if f.problem else "present"
         if f.problem:
             r.problems.append({"kind": f.state, "file": f.name, "message": f.problem})
@@ -746,6 +752,19 @@ def _offline(repo_id, revision, local: Path | None, cache_dir: Path, allow, igno
     if verify:
         r.problems += _index_problems(lambda f: path / f.name, files, set(listing) or {f.name for f in files})
     return r
+
+
+def _recorded_etag(p: Path, name: str, local: Path | None) -> str | None:
+    """The Hub's hash of a file fetched earlier: LFS sha256 (64 hex) or git blob id (40), from the library's own
+    records: the blob a cache snapshot points to is named by it; a local folder keeps it in its download metadata."""
+    if local is None:
+        etag = Path(os.path.realpath(p)).name
+    else:
+        from huggingface_hub._local_folder import read_download_metadata
+
+        meta = read_download_metadata(local, name)
+        etag = meta.etag if meta else ""
+    return etag if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) else None
 
 
 def _gb(n: int) -> str:

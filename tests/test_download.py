@@ -414,6 +414,29 @@ def test_offline_uses_the_cache_without_requests(hub, tmp_path, main_files):
     assert hub.state.requests() == 0
 
 
+def test_offline_repair_checks_hashes_recorded_at_download(hub, tmp_path, main_files):
+    """Offline, a same-size corruption passes the size and header checks; --repair re-hashes against the sha256 /
+    blob id the download recorded (a cache blob's name, a local folder's metadata) and names the file."""
+    out = tmp_path / "out"
+    assert fetch(hub, tmp_path).ok and fetch(hub, tmp_path, local_dir=out).ok
+    cached = fetch(hub, tmp_path, offline=True)
+    for folder in (out, Path(cached.destination)):
+        for name in (SHARD2, "config.json"):  # an LFS file (sha256) and a plain one (git blob id)
+            p = Path(os.path.realpath(folder / name))
+            data = bytearray(p.read_bytes())
+            data[-1] ^= 0xFF
+            p.write_bytes(bytes(data))
+    hub.state.reset_counters()
+    for local_dir in (out, None):
+        r = fetch(hub, tmp_path, local_dir=local_dir, offline=True)
+        assert r.ok, r.problems  # sizes and headers still agree
+        r = fetch(hub, tmp_path, local_dir=local_dir, offline=True, repair=True)
+        bad = sorted((p["file"], p["message"].split()[0]) for p in r.problems)
+        assert bad == [("config.json", "git"), (SHARD2, "sha256")], (local_dir, r.problems)
+        assert sum(f.state == "present" for f in r.files) == len(main_files) - 2
+    assert hub.state.requests() == 0
+
+
 def test_gated_and_missing_repos(hub, tmp_path, v1_files):
     with pytest.raises(
         DownloadError, match=r"org/gated is gated: accept its terms at http://127\.0\.0\.1:\d+/org/gated"
