@@ -7,7 +7,8 @@ Run on the GPU machine from the repository root, after ``pip install --no-deps -
     python benchmarks/gpu_gemm_tune.py [--json out.json]
 
 Figures are TFLOP/s (2 M N K per product), median of ``triton.testing.do_bench``, with cuBLAS bf16 and torch's
-FP8 ``_scaled_mm`` (per-row scales: no per-block rescaling, a ceiling) timed in the same run on the same data.
+FP8 ``_scaled_mm`` timed in the same run on the same data: block-scaled like ours (cuBLAS; its error against
+``fp8_gemm_ref`` is recorded too), and with one scale per row and column (no per-block promotion: a ceiling).
 """
 
 from __future__ import annotations
