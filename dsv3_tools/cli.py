@@ -18,6 +18,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"dsv3-tools {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Move DeepSeek-V3-family checkpoints between formats, streaming, and prove nothing broke."""
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout instead of tables.")]
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Built-in config name or a config.json path.")]
 
@@ -401,7 +419,7 @@ def main() -> None:
     from . import report
 
     try:
-        rc = app(standalone_mode=False)  # click returns the code of typer.Exit in this mode
+        rc = app(standalone_mode=False, prog_name="dsv3-tools")  # click returns typer.Exit's code in this mode
         if rc == 130:  # typer turns KeyboardInterrupt into a silent Exit(130): the except below never sees it
             report.error("interrupted; finished outputs are kept: run the same command again to resume")
         sys.exit(rc if isinstance(rc, int) else 0)
@@ -415,13 +433,16 @@ def main() -> None:
         sys.exit(e.exit_code)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors arrive as ClickException in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except typer.Abort:
+        report.error("aborted")
+        sys.exit(130)
+    except Exception as e:
+        # Usage errors (unknown option, missing argument) arrive as click's ClickException in non-standalone mode;
+        # typer >= 0.2x vendors its own click, so the class is recognized by what it has, not by its module.
+        if callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int):
+            ctx, message = getattr(e, "ctx", None), e.format_message()
+            if message:  # (empty when no arguments were given: the help was printed instead)
+                hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+                report.error(f"{message}{hint}")
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            report.error("aborted")
-            sys.exit(130)
         raise

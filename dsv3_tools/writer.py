@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, nbytes
 from .disk import free_bytes  # noqa: F401  (re-exported: stages import it from here)
 from .errors import OutputError
 
 MANIFEST_NAME = "dsv3-manifest.json"
 PARTIAL_SUFFIX = ".partial"
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = __version__  # recorded in every manifest
 
 
 @dataclass(frozen=True)

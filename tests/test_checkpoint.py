@@ -263,6 +263,22 @@ def test_bad_input_exit_code_2(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_cli_usage_errors_are_one_line_and_version() -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dsv3_tools", *args], capture_output=True, text=True)
+
+    for args, words in ((["inspect", "--bogus"], "No such option: --bogus"), (["inspect"], "Missing argument")):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and words in r.stderr and "dsv3-tools inspect --help" in r.stderr, r.stderr
+    r = cli()  # no arguments: the help, and no traceback
+    assert r.returncode == 2 and "Usage" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    from dsv3_tools import __version__
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"dsv3-tools {__version__}"
+
+
 def test_unexpected_and_mis_shaped_tensors(indep: Path) -> None:
     _rewrite_without(indep, "model.layers.0.input_layernorm.weight", replace=torch.ones(H + 1, dtype=torch.bfloat16))
     rc, rep = _inspect_cli(indep)
