@@ -34,6 +34,7 @@ from .writer import (
     PARTIAL_SUFFIX,
     Manifest,
     SafetensorsWriter,
+    check_separate,
     copy_file_atomic,
     free_bytes,
     plan_header,
@@ -322,6 +323,7 @@ def _run(
 ) -> CastReport:
     t0 = time.perf_counter()
     src = ck.path
+    check_separate(src, dst)
     done = _finished_before(dst, job)
     files = [
         CastFile(p.name, len(p.entries), p.bytes_in, p.size, "kept" if p.name in done else "planned") for p in plans

@@ -45,6 +45,7 @@ from .writer import (
     PARTIAL_SUFFIX,
     Manifest,
     SafetensorsWriter,
+    check_separate,
     copy_file_atomic,
     free_bytes,
     plan_header,
@@ -264,6 +265,7 @@ def shard_checkpoint(
     """
     t0 = time.monotonic()
     src, dst = Path(src), Path(dst)
+    check_separate(src, dst)
     if mtp not in MTP_MODES:
         raise ShardingError(f"--mtp must be 'drop' or 'keep', got {mtp!r}")
     if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:

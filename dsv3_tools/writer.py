@@ -368,6 +368,13 @@ MP_SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_conf
 NOT_SIDECARS = ("config.json", INDEX_NAME, MANIFEST_NAME)
 
 
+def check_separate(src: Path, dst: Path) -> None:
+    """Refuse an output folder that is the input, lies inside it, or contains it: inputs are never modified."""
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if d == s or s in d.parents or d in s.parents:
+        raise OutputError(f"{dst}: the output folder must be outside the input folder {src}, and not contain it")
+
+
 def sidecar_files(src: Path, patterns: tuple[str, ...] | None = None) -> list[str]:
     """Relative paths (sorted) of the files of ``src`` to copy beside new weights: with ``patterns``, the top-level
     files matching one; without, every file in any sub-folder. Never the weights, their index, ``config.json``

@@ -197,6 +197,25 @@ def test_fp8_to_bf16_values_and_passthrough(tiny_fp8: Path, bf16_out: Path) -> N
     assert out[bias][1].dtype == torch.float32
 
 
+def test_output_inside_or_around_the_input_is_refused(tiny_fp8: Path, tmp_path: Path) -> None:
+    """Inputs are never modified: an output folder that is the input, lies in it, or contains it is refused (cast
+    both ways and shard), before anything is written."""
+    from dsv3_tools.shard import shard_checkpoint
+
+    src = tmp_path / "in"
+    shutil.copytree(tiny_fp8, src)
+    before = sorted(p.relative_to(src).as_posix() for p in src.rglob("*"))
+    for dst in (src, src / "out", tmp_path):
+        for run in (
+            lambda d: C.cast_fp8_to_bf16(src, d, device="cpu"),
+            lambda d: C.cast_fp8_to_bf16(src, d, device="cpu", dry_run=True),
+            lambda d: shard_checkpoint(src, d, mp=2),
+        ):
+            with pytest.raises(OutputError, match="outside the input folder"):
+                run(dst)
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*")) == before
+
+
 def test_sidecar_rules(tmp_path: Path) -> None:
     """cast (an HF folder) keeps every other file, sub-folders included; shard (MP layout) only the tokenizer,
     generation config, license and README; neither takes weights, index, config, manifest or hidden files."""
