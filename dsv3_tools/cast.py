@@ -29,7 +29,7 @@ import torch
 
 from . import names as N
 from .checkpoint import DTYPE_SIZE, DTYPES, INDEX_NAME, Checkpoint, TensorInfo, nbytes, open_checkpoint
-from .errors import ConfigError, Dsv3Error, LayoutError, OutputError
+from .errors import ConfigError, DeviceError, LayoutError, OutputError, check_device
 from .writer import (
     PARTIAL_SUFFIX,
     Manifest,
@@ -57,10 +57,6 @@ GPU_CHUNK = 64 << 20  # FP8 elements per kernel launch
 # output files are finished and the next one is partly written.
 KILL_HOOK = "DSV3_TOOLS_TEST_KILL_AFTER_FILES"
 KILL_SIGNAL = "DSV3_TOOLS_TEST_KILL_SIGNAL"
-
-
-class DeviceError(Dsv3Error):
-    """The requested device (or its kernel) is not available."""
 
 
 @dataclass
@@ -234,8 +230,7 @@ def resolve_device(device: str) -> str:
     if device == "cpu":
         return "cpu"
     if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+        check_device(device)
         _gpu_kernel(required=True)
         return device
     raise DeviceError(f"--device must be auto, cpu or cuda, got {device!r}")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import Dsv3Error
+from .errors import Dsv3Error, check_device
 
 app = typer.Typer(
     add_completion=False,
@@ -283,6 +283,7 @@ def verify(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     if engine == "auto":
         engine = "triton" if device.startswith("cuda") else "torch"
     rank, _ = init_distributed(device)

@@ -25,7 +25,7 @@ import torch
 from . import names as N
 from .checkpoint import DTYPES, MP_HF_CONFIG, MP_RE, Checkpoint, TensorInfo, open_checkpoint
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, Dsv3Error, ShardingError
+from .errors import CheckpointError, ConfigError, Dsv3Error, ShardingError, check_device
 from .reference import (
     PROJ_SEED,
     TIERS,
@@ -983,6 +983,7 @@ def verify_checkpoint(
     (``tier`` forces the tier). Raises ``Dsv3Error`` for bad input; a failing checkpoint is a report with
     ``verdict == "fail"``.
     """
+    check_device(device)
     t_start = time.perf_counter()
     say = log or (lambda s: None)
     dtype = _as_dtype(dtype)

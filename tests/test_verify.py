@@ -470,6 +470,14 @@ def test_cli_exit_codes(tiny_fp8: Path, ref_file: Path, tmp_path: Path) -> None:
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "error:" in p.stderr
 
 
+def test_unusable_device_is_a_one_line_error(tiny_fp8: Path) -> None:
+    p = _cli(str(tiny_fp8), "--device", "npu")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--device must be cpu, cuda or cuda:N" in p.stderr
+    if not torch.cuda.is_available():
+        p = _cli(str(tiny_fp8), "--device", "cuda")
+        assert p.returncode == 2 and "no CUDA GPU is visible" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_world_size_must_match_the_shards(mp2: Path, tiny_fp8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dsv3_tools.verify as V
 
