@@ -270,8 +270,6 @@ def shard_checkpoint(
         raise ShardingError(f"--mtp must be 'drop' or 'keep', got {mtp!r}")
     if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
         raise ShardingError(f"--mp must be a positive integer, got {mp!r}")
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise OutputError(f"{dst}: the destination must not be the source folder or inside it")
     ck = open_checkpoint(src)
     try:
         return _shard(ck, src, dst, mp, mtp, dry_run, progress, t0)
