@@ -122,6 +122,8 @@ def cast_fp8_to_bf16(
     """Dequantize a block-FP8 checkpoint folder into a new BF16 folder ``dst``."""
     src, dst = Path(src), Path(dst)
     _check_mtp(mtp)
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise ConfigError(f"--workers must be a positive number of threads, got {workers!r}")
     ck = _open_input(src)
     cfg = ck.config
     if not cfg.is_fp8:

@@ -22,7 +22,14 @@ from dsv3_tools import cast as C
 from dsv3_tools import names as N
 from dsv3_tools.checkpoint import INDEX_NAME, open_checkpoint
 from dsv3_tools.config import ModelConfig
-from dsv3_tools.errors import CheckpointError, MissingScaleError, OrphanScaleError, OutputError, ScaleShapeError
+from dsv3_tools.errors import (
+    CheckpointError,
+    ConfigError,
+    MissingScaleError,
+    OrphanScaleError,
+    OutputError,
+    ScaleShapeError,
+)
 from dsv3_tools.writer import MANIFEST_NAME, MP_SIDECAR_PATTERNS, SafetensorsWriter, sidecar_files
 
 
@@ -402,6 +409,13 @@ def test_mtp_drop(tiny_fp8: Path, tmp_path: Path) -> None:
         k for k in json.loads((dst / MANIFEST_NAME).read_text())["extra"]["fp8_weights"] if k.startswith(tuple(mtp))
     ]
     open_checkpoint(dst, strict=True)
+
+
+def test_workers_must_be_positive(tiny_fp8: Path, tmp_path: Path) -> None:
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="--workers must be a positive"):
+            C.cast_fp8_to_bf16(tiny_fp8, tmp_path / "x", device="cpu", workers=bad)
+    assert not (tmp_path / "x").exists()
 
 
 def test_device_cuda_without_gpu_is_a_clear_error(tiny_fp8: Path, tmp_path: Path) -> None:
