@@ -76,9 +76,16 @@ class HubState:
     gets: list[GetRecord] = field(default_factory=list)
     heads: list[str] = field(default_factory=list)
     api_calls: list[str] = field(default_factory=list)
+    sending: int = 0  # response bodies being written right now
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def reset_counters(self) -> None:
+        # A body still being written (to a client killed a moment ago, say) would count into the new counters:
+        # wait for it to end first.
+        deadline = time.monotonic() + 10
+        while self.sending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self.sending, "a response body is still being sent"
         with self.lock:
             self.served.clear()
             self.gets.clear()
@@ -265,20 +272,21 @@ class _Handler(BaseHTTPRequestHandler):
         rec = GetRecord(repo_id, path, rng, status)
         with st.lock:
             st.gets.append(rec)
+            st.sending += 1  # until the body is sent or the connection drops (the finally below)
             cut = st.cut_after.pop(path, None)
             bad = st.corrupt.get(path)
             bps = st.throttle_bps
         body = bytearray(data[start:])
         if bad is not None and start <= bad < len(data):
             body[bad - start] ^= 0xFF
-        self.send_response(status)
-        for k, v in h.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
         chunk = 16384
         pos = 0
         try:
+            self.send_response(status)
+            for k, v in h.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
             while pos < len(body):
                 n = min(chunk, len(body) - pos)
                 if cut is not None:
@@ -298,6 +306,9 @@ class _Handler(BaseHTTPRequestHandler):
                     time.sleep(n / bps)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            with st.lock:
+                st.sending -= 1
 
 
 class _Server(ThreadingHTTPServer):
