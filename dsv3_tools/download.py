@@ -563,9 +563,9 @@ def _hash_into(h, path: Path) -> None:
             h.update(view[:n])
 
 
-def _hash(path: Path, algo: str, prefix: bytes = b"") -> str:
-    h = hashlib.new(algo)
-    h.update(prefix)
+def _file_digest(path: Path, f: FileEntry) -> str:
+    """The finished file's hash, of the kind the Hub gives for ``f`` (read from disk)."""
+    h = _new_hash(f)
     _hash_into(h, path)
     return h.hexdigest()
 
@@ -579,11 +579,11 @@ def _check_file(
     if size != f.size:
         return f"size {size} bytes, the Hub says {f.size}"
     if hash_it and f.sha256:
-        got = digest or _hash(path, "sha256")
+        got = digest or _file_digest(path, f)
         if got != f.sha256:
             return f"sha256 {got[:16]}... differs from the Hub's {f.sha256[:16]}..."
     elif hash_it and f.blob_id:
-        got = digest or _hash(path, "sha1", b"blob %d\0" % size)
+        got = digest or _file_digest(path, f)
         if got != f.blob_id:
             return f"git blob id {got[:12]}... differs from the Hub's {f.blob_id[:12]}..."
     if header and f.name.endswith(".safetensors"):

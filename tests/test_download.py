@@ -330,8 +330,8 @@ def test_hashes_while_writing_and_after_a_rewind(hub, tmp_path, monkeypatch, mai
     """A fetched file's sha256 / blob id is computed as it is written (no second read of the file); when the server
     ignores a resume's Range header, http_get rewinds the file and the finished file is hashed instead."""
     rehashed: list[str] = []
-    real_hash = D._hash
-    monkeypatch.setattr(D, "_hash", lambda path, *a: rehashed.append(Path(path).name) or real_hash(path, *a))
+    real_digest = D._file_digest
+    monkeypatch.setattr(D, "_file_digest", lambda path, f: rehashed.append(Path(path).name) or real_digest(path, f))
     out = tmp_path / "out"
     r = fetch(hub, tmp_path, local_dir=out)
     assert r.ok, r.problems
