@@ -33,7 +33,7 @@ def _root(
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Move DeepSeek-V3-family checkpoints between formats, streaming, and prove nothing broke."""
+    pass  # the app's help text is set on typer.Typer above
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout instead of tables.")]

@@ -277,7 +277,7 @@ def fp8_gemm(
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if not (M and N):
         return c.reshape(*lead, N)
-    cfg = GemmConfig(*(config or pick_config(M, N, K)))
+    cfg = pick_config(M, N, K) if config is None else GemmConfig(*config)
     bm, bn = cfg.block_m, cfg.block_n
     tiles = -(-M // bm) * -(-N // bn)
     row_scale = block[0] % bn == 0
