@@ -29,6 +29,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def _assert_each_equal(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+    """Bit-identical, per prompt (the lists are the same length)."""
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"{what} {i}: max |diff| {(a.float() - b.float()).abs().max().item()}"
+
+
 def _dequant_copy(src: Path, dst: Path) -> None:
     """A BF16 HF folder with the same effective weights: plain block dequantization, config without quantization."""
     ck = open_checkpoint(src)
@@ -86,10 +93,8 @@ def test_matches_transformers(tiny_bf16_of_fp8: Path, fp8_logits) -> None:
 def test_fp8_with_bf16_gemm_equals_its_bf16_version(tiny_bf16_of_fp8: Path, fp8_logits) -> None:
     out, _ = fp8_logits
     bf16 = run_model(open_checkpoint(tiny_bf16_of_fp8), PROMPTS, stream=False, mtp=True)
-    for i, (a, b) in enumerate(zip(out.logits, bf16.logits)):
-        assert torch.equal(a, b), f"prompt {i}: max |diff| {(a - b).abs().max().item()}"
-    for i, (a, b) in enumerate(zip(out.mtp_logits, bf16.mtp_logits)):
-        assert torch.equal(a, b), f"MTP prompt {i}"
+    _assert_each_equal(out.logits, bf16.logits, "prompt")
+    _assert_each_equal(out.mtp_logits, bf16.mtp_logits, "MTP prompt")
 
 
 def test_streaming_equals_resident(tiny_fp8: Path, fp8_logits) -> None:
@@ -100,12 +105,9 @@ def test_streaming_equals_resident(tiny_fp8: Path, fp8_logits) -> None:
     )
     assert sorted(seen) == sorted(hidden) == [0, 1, 2]
     for L in seen:
-        for i, (a, b) in enumerate(zip(seen[L], hidden[L])):
-            assert torch.equal(a, b), f"layer {L} prompt {i}"
-    for i, (a, b) in enumerate(zip(res.logits, out.logits)):
-        assert torch.equal(a, b), f"prompt {i}"
-    for i, (a, b) in enumerate(zip(res.mtp_logits, out.mtp_logits)):
-        assert torch.equal(a, b), f"MTP prompt {i}"
+        _assert_each_equal(seen[L], hidden[L], f"layer {L} prompt")
+    _assert_each_equal(res.logits, out.logits, "prompt")
+    _assert_each_equal(res.mtp_logits, out.mtp_logits, "MTP prompt")
 
 
 def test_outputs_shapes_and_hidden_states(tiny_fp8: Path, fp8_logits) -> None:
@@ -150,8 +152,7 @@ def test_mp_shards_reassembled_in_one_process(tiny_fp8: Path, fp8_logits, tmp_pa
     ck = open_checkpoint(tmp_path / "mp2")
     assert ck.layout == "mp" and ck.world == 2
     got = run_model(ck, PROMPTS).logits
-    for i, (a, b) in enumerate(zip(got, out.logits)):
-        assert torch.equal(a, b), f"prompt {i}"
+    _assert_each_equal(got, out.logits, "prompt")
 
 
 def test_bad_inputs(tiny_fp8: Path) -> None:
