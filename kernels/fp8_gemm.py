@@ -52,6 +52,7 @@ class GemmConfig(NamedTuple):
     tma_store: int = 0  # TMA only: write the output tile through a tensor descriptor (asynchronous bulk store)
     group_m: int = 8  # tiles along M that walk one band of N together (L2 reuse of B)
     maxnreg: int = 0  # > 0: cap the registers per thread (168 lets three 4-warp CTAs share an SM)
+    gluon: int = 0  # Hopper: the warp-specialized Gluon kernel (fp8_gemm_ws.py): block_m rows in two warpgroups
 
 
 # Tile configurations, chosen per problem by ``pick_config``; benchmarks/gpu_kernels.py sweeps them all and
@@ -59,10 +60,12 @@ class GemmConfig(NamedTuple):
 # the TMA kernel with 64 x 128 tiles and one warpgroup wins; several CTAs per SM overlap one CTA's scaling FMAs
 # with another's tensor-core work, so the schedule is about occupancy. Three CTAs per SM (capped at 168 registers,
 # three pipeline stages = 72 KB of shared memory each, persistent) win where K is short; where K is long, two
-# (188 registers) with the scales prefetched and the output written by TMA. Below M ~ 1024 the host-side
-# descriptor costs more than it saves and the pointer kernel wins.
+# (188 registers) with the scales prefetched and the output written by TMA. On Hopper, with Gluon, WS_128 beats
+# both (fp8_gemm_ws.py: 128-row tiles shared by two independent warpgroups fed by a producer warp). Below
+# M ~ 1024 the host-side descriptor costs more than it saves and the pointer kernel wins.
 SHORT_K = GemmConfig(64, 128, 4, 3, 1, persistent=3, maxnreg=168)
 LONG_K = GemmConfig(64, 128, 4, 3, 1, persistent=2, prefetch=1, tma_store=1, group_m=32)
+WS_128 = GemmConfig(128, 128, 4, 6, 1, persistent=1, gluon=1)
 CONFIGS: tuple[GemmConfig, ...] = (
     GemmConfig(16, 64, 4, 6),
     GemmConfig(32, 64, 4, 6),
@@ -73,6 +76,7 @@ CONFIGS: tuple[GemmConfig, ...] = (
     GemmConfig(128, 128, 8, 4, 1),
     SHORT_K,
     LONG_K,
+    WS_128,
 )
 
 
@@ -86,7 +90,7 @@ def pick_config(M: int, N: int, K: int) -> GemmConfig:
         return GemmConfig(64, 64, 4, 5)
     if M < 1024:
         return GemmConfig(64, 128, 4, 4)
-    return LONG_K if K >= 4096 else SHORT_K
+    return WS_128  # where it cannot run (no Hopper, no Gluon, unaligned rows), fp8_gemm takes LONG_K or SHORT_K
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -278,11 +282,27 @@ def fp8_gemm(
     if not (M and N):
         return c.reshape(*lead, N)
     cfg = pick_config(M, N, K) if config is None else GemmConfig(*config)
+    # The copy engine needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
+    tma_ok = K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    if cfg.gluon:
+        from . import fp8_gemm_ws
+
+        if (
+            tma_ok
+            and block[0] % cfg.block_n == 0
+            and (N * c.element_size()) % 16 == 0
+            and fp8_gemm_ws.available(a.device)
+        ):
+            programs = min(-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.persistent * _num_sms(a.device))
+            fp8_gemm_ws.launch(
+                a2, b, c, a_s2, b_s, M, N, KB, block[0], programs, cfg.block_m, cfg.block_n, cfg.stages, cfg.group_m
+            )
+            return c.reshape(*lead, N)
+        cfg = LONG_K if K >= 4096 else SHORT_K  # no Hopper Gluon here: the Triton kernel's schedule
     bm, bn = cfg.block_m, cfg.block_n
     tiles = -(-M // bm) * -(-N // bn)
     row_scale = block[0] % bn == 0
-    # The copy engine needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
-    if cfg.tma and K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0:
+    if cfg.tma and tma_ok:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         a_desc = TensorDescriptor.from_tensor(a2, [bm, BLOCK_K])

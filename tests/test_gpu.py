@@ -60,10 +60,10 @@ def test_act_quant_bit_identical(fmt: str | None, shape: tuple[int, int], dtype:
         (2049, 1000, 1536),
     ],
 )
-@pytest.mark.parametrize("schedule", ["pick", "pointer", "short_k", "long_k"])
+@pytest.mark.parametrize("schedule", ["pick", "pointer", "short_k", "long_k", "gluon"])
 def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], schedule: str) -> None:
     from dsv3_tools.kernels.act_quant import act_quant_ref
-    from dsv3_tools.kernels.fp8_gemm import LONG_K, SHORT_K, GemmConfig, fp8_gemm, fp8_gemm_ref, pick_config
+    from dsv3_tools.kernels.fp8_gemm import LONG_K, SHORT_K, WS_128, GemmConfig, fp8_gemm, fp8_gemm_ref, pick_config
     from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
     M, N, K = mnk
@@ -72,7 +72,7 @@ def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], schedule: str) ->
     q, ws = weight_quant_ref(w)
     aq, as_ = act_quant_ref(a)
     cfg = {"pick": pick_config(M, N, K), "pointer": GemmConfig(64, 128, 4, 4), "short_k": SHORT_K, "long_k": LONG_K}
-    cfg = cfg[schedule]
+    cfg = cfg[schedule] if schedule != "gluon" else WS_128
     got = fp8_gemm(aq, as_, q, ws, torch.float32, config=cfg)
     want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
     err = ((got - want).norm() / want.norm()).item()

@@ -193,3 +193,21 @@ def test_fp8_gemm_tma_kernel_interpreted(cfg: GemmConfig) -> None:
     got = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < 1e-6, f"{cfg}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("K", [320, 4096])
+def test_fp8_gemm_gluon_schedule_falls_back_to_triton(K: int) -> None:
+    """``WS_128`` (pick_config's choice from M = 1024) runs the Hopper Gluon kernel only where it can; anywhere
+    else (here: the interpreter) fp8_gemm must run the Triton kernel's schedule for that K instead, bit for bit."""
+    from dsv3_tools.kernels.fp8_gemm import LONG_K, SHORT_K, WS_128, pick_config
+
+    assert pick_config(1024, 7168, K) == WS_128
+    M, N = 24, 200
+    aq, a_s = act_quant_ref(torch.randn(M, K, generator=_gen(11)))
+    q, w_s = weight_quant_ref(torch.randn(N, K, generator=_gen(12)))
+    got = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=WS_128)
+    same = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=LONG_K if K >= 4096 else SHORT_K)
+    assert torch.equal(got, same)
+    want = _gemm_by_blocks(aq, a_s, q, w_s)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 1e-6, f"relative error {err:.2e}"
