@@ -9,7 +9,9 @@ Steps, all in one run:
 3. single process, streamed: ``verify CKPT --save-reference REF`` (the reference; its wall time and peak GPU memory);
 4. ``torchrun --nproc-per-node N`` running ``verify MP-N --reference REF`` through this script's ``--worker`` mode:
    NCCL all-reduces change float summation order, so the expected verdict is the ``float`` tier, not bit equality;
-   each rank records its wall time, prefill tokens/s and peak GPU memory.
+   each rank records its wall time, prefill tokens/s and peak GPU memory;
+5. the same check through the CLI itself, ``torchrun --nproc-per-node N -m dsv3_tools verify MP-N --reference REF``
+   (its exit status is the verdict).
 Prints a table; writes ``$OUT/gpu_multi_verify.json`` when ``OUT`` is set.
 
 NVLink multicast stays off (required on the shared multi-GPU hosts): NCCL_NVLS_ENABLE=0,
@@ -123,6 +125,14 @@ def main() -> None:
         ],
         env,
     )  # fmt: skip
+    cli_rc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+            "-m", "dsv3_tools", "verify", str(mp), "--reference", str(ref), *common,
+        ],
+        env=env,
+    ).returncode  # fmt: skip
+    print(f"torchrun ... -m dsv3_tools verify: exit {cli_rc}", flush=True)
     ranks = [json.loads((res / f"rank{r}.json").read_text()) for r in range(args.nproc)]
     r0 = ranks[0]
     summary = {
@@ -133,6 +143,7 @@ def main() -> None:
         "device": args.device,
         "single_process_save_reference_s": single,
         "torchrun_total_s": multi,
+        "cli_torchrun_exit": cli_rc,
         "ranks": ranks,
         "verdict": r0["verdict"],
         "tier": r0["tier"],
@@ -148,7 +159,7 @@ def main() -> None:
         Path(os.environ["OUT"], "gpu_multi_verify.json").write_text(json.dumps(summary, indent=2, default=str))
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
-    sys.exit(0 if r0["verdict"] == "pass" else 1)
+    sys.exit(0 if r0["verdict"] == "pass" and cli_rc == 0 else 1)
 
 
 if __name__ == "__main__":
