@@ -1,6 +1,6 @@
 """Prefill throughput of ``run_model`` on a CUDA GPU, on a synthetic checkpoint with real DeepSeek-V3 layer shapes.
 
-    python benchmarks/gpu_model.py --dir /tmp/dsv3-bench [--layers 3] [--experts 32] [--tokens 4096]
+    python benchmarks/gpu_model.py --dir /tmp/dsv3-bench [--layers 3] [--experts 32] [--tokens 4096] [--profile]
 
 The checkpoint is V3's geometry (hidden 7168, 128 heads, MLA ranks 1536/512, dense 18432, experts 2048 wide,
 vocab 129280) cut to ``--layers`` layers (the first dense, the rest MoE) and ``--experts`` routed experts (top 8 of
@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096, help="total prompt tokens (4 prompts)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--profile", action="store_true", help="after the timed runs: the GPU kernels of one resident forward"
+    )
     args = ap.parse_args()
     path = Path(args.dir)
     make(path, args.layers, args.experts)
@@ -68,6 +71,14 @@ def main() -> int:
             torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - t)
+        if args.profile:  # where the resident forward's GPU time goes, by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model.forward(prompts)
+                torch.cuda.synchronize()
+            print(f"gemm={gemm}: GPU kernels of one resident forward")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
         del model
         torch.cuda.empty_cache()
         logits[gemm] = torch.cat(out.logits)
