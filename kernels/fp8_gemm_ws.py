@@ -49,7 +49,8 @@ def _build():
 
     @gluon.jit
     def _tile_coords(tile, num_m, num_n, GROUP_M: gl.constexpr):
-        # Grouped ordering: GROUP_M consecutive tiles walk down M over the same N band (L2 reuse of B).
+        # Grouped ordering, the same as fp8_gemm's Triton helper (a Gluon kernel cannot call a @triton.jit one):
+        # GROUP_M consecutive tiles walk down M over the same N band (L2 reuse of B).
         group = tile // (GROUP_M * num_n)
         first_m = group * GROUP_M
         size_m = min(num_m - first_m, GROUP_M)
@@ -173,7 +174,8 @@ def _build():
 
 
 def available(device: torch.device) -> bool:
-    """This Triton has Gluon's Hopper API and ``device`` is a Hopper GPU (compute capability 9.x)."""
+    """This Triton has Gluon's Hopper API and ``device`` is a Hopper GPU (compute capability 9.x). When the API is
+    missing, ``build_error()`` says why."""
     global _kernel, _error
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return False
@@ -187,6 +189,11 @@ def available(device: torch.device) -> bool:
 
 _LAYOUTS: dict = {}  # (block shape, torch dtype) -> NVMMASharedLayout: building one costs several microseconds
 _LAUNCHERS: dict = {}  # specialization key -> compiled kernel (skips the JIT's argument binding on each call)
+
+
+def build_error() -> str | None:
+    """Why the kernel could not be built on this Triton (None if it was, or was not tried)."""
+    return _error
 
 
 def _descriptor(t: torch.Tensor, block: list[int]):

@@ -58,6 +58,7 @@ def test_act_quant_bit_identical(fmt: str | None, shape: tuple[int, int], dtype:
         (5, 300, 200),
         (1100, 300, 4096),  # ragged M and N; 600-byte bf16 rows: no TMA store (f32 rows of 1200 bytes: TMA)
         (2049, 1000, 1536),
+        (1040, 384, 1040),  # K a multiple of 16 but not of 128: the copy engine zero-fills the last K block
     ],
 )
 @pytest.mark.parametrize("schedule", ["pick", "pointer", "short_k", "long_k", "gluon"])
@@ -82,6 +83,17 @@ def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], schedule: str) ->
     # Against the unquantized f32 product: the activation + weight quantization error only.
     full = ((fp8_gemm(aq, as_, q, ws, config=cfg).float() - a @ w.T).norm() / (a @ w.T).norm()).item()
     assert full < 4e-2, f"{mnk}: {full:.3e} vs the unquantized product"
+
+
+def test_gluon_kernel_builds_on_hopper() -> None:
+    """On a Hopper GPU the Gluon kernel must be available: fp8_gemm would otherwise fall back to its Triton
+    schedules without a word, and the gluon rows above would test those instead."""
+    from dsv3_tools.kernels import fp8_gemm_ws
+
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability(dev)[0] != 9:
+        pytest.skip("not a Hopper GPU")
+    assert fp8_gemm_ws.available(dev), fp8_gemm_ws.build_error()
 
 
 def test_model_triton_engine_matches_torch(tmp_path, monkeypatch) -> None:
