@@ -4,9 +4,10 @@ checked against ``fp8_gemm_ref`` before it is timed, then all timed in rotating 
 
 Run on the GPU machine from the repository root, after ``pip install --no-deps --no-build-isolation -e .``:
 
-    python benchmarks/gpu_gemm_tune.py [--json out.json]
+    python benchmarks/gpu_gemm_tune.py [--json out.json] [--shapes 0,2] [--m 1024]
 
-Figures are TFLOP/s (2 M N K per product), median of ``triton.testing.do_bench``, with cuBLAS bf16 and torch's
+Figures are TFLOP/s (2 M N K per product), median of ``triton.testing.do_bench`` (the chosen schedule also by
+CUDA-graph replay, which leaves out the host's launch cost), with cuBLAS bf16 and torch's
 FP8 ``_scaled_mm`` timed in the same run on the same data: block-scaled like ours (cuBLAS; its error against
 ``fp8_gemm_ref`` is recorded too), and with one scale per row and column (no per-block promotion: a ceiling).
 """
@@ -25,7 +26,8 @@ from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
 SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 24576, 1536), (4096, 7168, 16384)]
 C = GemmConfig
-# The chosen schedules, the previous default, and the runners-up of the tuning runs recorded in docs/benchmarks.md.
+# The chosen schedule (WS_128, on Hopper), its two Triton fallbacks, the runners-up of the tuning runs recorded in
+# docs/benchmarks.md, and the default before the fallbacks (the "old" column).
 CANDIDATES = [
     SHORT_K,
     LONG_K,
