@@ -19,8 +19,7 @@ from dsv3_tools.kernels import fp8_gemm as fg
 from dsv3_tools.kernels.act_quant import act_quant
 from dsv3_tools.kernels.fp8_gemm import fp8_gemm
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
-
-SHAPES = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 24576, 1536), (4096, 7168, 16384)]
+from gpu_gemm_tune import SHAPES  # the four shapes (this script's folder is on sys.path when run)
 
 
 def main() -> None:

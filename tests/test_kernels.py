@@ -195,6 +195,7 @@ def test_fp8_gemm_tma_kernel_interpreted(cfg: GemmConfig) -> None:
     assert err < 1e-6, f"{cfg}: relative error {err:.2e}"
 
 
+@interpreted
 @pytest.mark.parametrize("K", [320, 4096])
 def test_fp8_gemm_gluon_schedule_falls_back_to_triton(K: int) -> None:
     """``WS_128`` (pick_config's choice from M = 1024) runs the Hopper Gluon kernel only where it can; anywhere
