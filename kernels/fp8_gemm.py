@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _launch
+
 BLOCK_K = 128  # activation group and weight block width along K
 
 
@@ -53,6 +55,7 @@ class GemmConfig(NamedTuple):
     group_m: int = 8  # tiles along M that walk one band of N together (L2 reuse of B)
     maxnreg: int = 0  # > 0: cap the registers per thread (168 lets three 4-warp CTAs share an SM)
     gluon: int = 0  # Hopper: the warp-specialized Gluon kernel (fp8_gemm_ws.py): block_m rows in two warpgroups
+    split_k: int = 1  # > 1: that many programs per output tile, each over a share of K, summed in a fixed order
 
 
 # Tile configurations, chosen per problem by ``pick_config``; benchmarks/gpu_kernels.py sweeps them all and
@@ -80,17 +83,40 @@ CONFIGS: tuple[GemmConfig, ...] = (
 )
 
 
-def pick_config(M: int, N: int, K: int) -> GemmConfig:
-    """The tile configuration for an [M, K] x [N, K] product (from the H200 sweep)."""
-    if M <= 16:
-        return GemmConfig(16, 64, 4, 6)
-    if M <= 32:
-        return GemmConfig(32, 64, 4, 6)
-    if M <= 64:
-        return GemmConfig(64, 64, 4, 5)
-    if M < 1024:
-        return GemmConfig(64, 128, 4, 4)
-    return WS_128  # where it cannot run (no Hopper, no Gluon, unaligned rows), fp8_gemm takes LONG_K or SHORT_K
+_PICKED: dict = {}
+
+
+def pick_config(M: int, N: int, K: int, sms: int = 132) -> GemmConfig:
+    """The tile configuration for an [M, K] x [N, K] product on a GPU of ``sms`` SMs (from the H200 sweeps)."""
+    cfg = _PICKED.get((M, N, K, sms))
+    if cfg is None:
+        if len(_PICKED) > 4096:  # many distinct token counts: start over rather than grow
+            _PICKED.clear()
+        cfg = _PICKED[M, N, K, sms] = _pick(M, N, K, sms)
+    return cfg
+
+
+def _pick(M: int, N: int, K: int, sms: int) -> GemmConfig:
+    if M >= 1024:
+        return WS_128  # where it cannot run (no Hopper, no Gluon, unaligned rows), fp8_gemm takes LONG_K or SHORT_K
+    KB = -(-K // BLOCK_K)
+    # Split-K where the output has too few tiles to fill the GPU (benchmarks/gpu_gemm_small.py, docs/benchmarks.md):
+    # about two programs per SM, each K share at least 7 blocks deep (16 for 64 x 128 tiles, whose 112 tiles at
+    # (128, 7168, 2048) run faster unsplit); at most 4 shares for 64-row tiles (each share writes and reads back its
+    # partial tile), 8 for the small tiles of M <= 64.
+    if M > 64:
+        tiles = -(-M // 64) * -(-N // 64)
+        if tiles <= sms:  # few tiles (a narrow weight, or few rows): 64 x 64 tiles by TMA, split along K
+            return GemmConfig(64, 64, 4, 5, 1, split_k=max(1, min(2 * sms // tiles, KB // 7, 4)))
+        tiles = -(-M // 64) * -(-N // 128)
+        if tiles < sms and KB >= 32:  # 64 x 128 tiles short of one per SM, and K deep enough to share
+            return GemmConfig(64, 128, 4, 4, 1, split_k=min(2 * sms // tiles, KB // 16, 4))
+        return GemmConfig(64, 128, 4, 4)  # the pointer kernel: the cheapest launch, and the GPU is filled
+    cfg = GemmConfig(16, 64, 4, 6) if M <= 16 else GemmConfig(32, 64, 4, 6) if M <= 32 else GemmConfig(64, 64, 4, 5)
+    tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    if 2 * tiles <= sms:
+        return cfg._replace(split_k=max(1, min(2 * sms // tiles, KB // 7, 8)))
+    return cfg
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -104,7 +130,7 @@ _kernel = None
 
 def _build():
     # The two helpers become module globals: Triton resolves a kernel's callees through its module's globals.
-    global _tile_coords, _scaled
+    global _tile_coords, _scaled, _store_tile, _work_item
     import triton
     import triton.language as tl
 
@@ -127,10 +153,43 @@ def _build():
             return p * (a_s[:, None] * b_s[None, :])
 
     @triton.jit
+    def _work_item(item, tiles, KB, SPLIT_K):  # SPLIT_K: a constexpr from the caller
+        # Work item -> (output tile, split, its K blocks [kb_lo, kb_hi)): split s takes blocks s*KB//S to
+        # (s+1)*KB//S, so the shares differ by at most one block. Without split-K, the item is the tile.
+        if SPLIT_K == 1:
+            return item, 0, 0, KB
+        else:
+            split = item // tiles
+            return item % tiles, split, split * KB // SPLIT_K, (split + 1) * KB // SPLIT_K
+
+    @triton.jit
+    def _store_tile(c_ptr, ws_ptr, cnt_ptr, acc, tile, split, offs_m, offs_n, M, N, stride_cm, SPLIT_K):
+        # Writes one output tile. With SPLIT_K > 1 the program holds one of SPLIT_K partial sums over K: it leaves
+        # it in the f32 workspace [SPLIT_K, M, N] and counts itself in on the tile's counter; the last of the
+        # tile's programs to arrive adds the partials in split order 0, 1, ... (the same order whichever program
+        # comes last: the result is deterministic), writes the tile, and resets the counter for the next call.
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if SPLIT_K > 1:
+            part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(part + split * M * N, acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the counter moves (release, GPU scope)
+            if tl.atomic_add(cnt_ptr + tile, 1) == SPLIT_K - 1:  # acquire: the other partials are visible
+                acc = tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT_K):
+                    acc += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+                         mask=mask)  # fmt: skip
+                tl.store(cnt_ptr + tile, 0)
+        else:
+            tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def fp8_gemm_kernel(
         a_ptr,  # [M, K] float8_e4m3fn activations, row-major (unit stride along K)
         b_ptr,  # [N, K] float8_e4m3fn weights, row-major
         c_ptr,  # [M, N] output (bf16 or f32), row-major
+        ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] f32 partial sums; cnt_ptr: one int32 counter per tile, zero
+        cnt_ptr,
         a_s_ptr,  # [M, KB] f32 activation scales, KB = ceil(K / BLOCK_K)
         b_s_ptr,  # [ceil(N / SB_N), KB] f32 weight block scales
         M,
@@ -147,8 +206,12 @@ def _build():
         GROUP_M: tl.constexpr,  # programs along M that share a band of B, for L2 reuse
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks on the K loads
         ROW_SCALE: tl.constexpr,  # SB_N % BLOCK_N == 0: one weight scale per K step for the whole tile
+        SPLIT_K: tl.constexpr,  # programs per tile, each summing an equal share of the K blocks (split-K)
     ):
-        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        tile, split, kb_lo, kb_hi = _work_item(tl.program_id(0), num_m * num_n, KB, SPLIT_K)
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -156,12 +219,12 @@ def _build():
         # the loads unmasked along M and N.
         rows_a = tl.minimum(offs_m, M - 1)
         rows_b = tl.minimum(offs_n, N - 1)
-        a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :]
+        a_ptrs = a_ptr + rows_a[:, None] * stride_am + kb_lo * BLOCK_K + offs_k[None, :]
+        b_ptrs = b_ptr + rows_b[:, None] * stride_bn + kb_lo * BLOCK_K + offs_k[None, :]
         a_s_ptrs = a_s_ptr + rows_a * KB
         b_s_ptrs = (b_s_ptr + (pid_n * BLOCK_N // SB_N) * KB) if ROW_SCALE else (b_s_ptr + (rows_b // SB_N) * KB)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, KB):
+        for kb in range(kb_lo, kb_hi):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 b = tl.load(b_ptrs)
@@ -171,21 +234,22 @@ def _build():
             acc += _scaled(tl.dot(a, tl.trans(b)), tl.load(a_s_ptrs + kb), tl.load(b_s_ptrs + kb), ROW_SCALE)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+        _store_tile(c_ptr, ws_ptr, cnt_ptr, acc, tile, split, offs_m, offs_n, M, N, stride_cm, SPLIT_K)
 
     @triton.jit
     def fp8_gemm_tma_kernel(
         a_desc,  # tensor descriptor of A [M, K] float8_e4m3fn, block [BLOCK_M, BLOCK_K]; zero fill past the edges
         b_desc,  # tensor descriptor of B [N, K] float8_e4m3fn, block [BLOCK_N, BLOCK_K]
         c,  # TMA_STORE: tensor descriptor of C [M, N], block [BLOCK_M, BLOCK_N]; else C's pointer (row-major)
+        ws_ptr,  # SPLIT_K > 1: the partial sums and tile counters, as in fp8_gemm_kernel
+        cnt_ptr,
         a_s_ptr,  # [M, KB] f32 activation scales
         b_s_ptr,  # [ceil(N / SB_N), KB] f32 weight block scales
         M,
         N,
         stride_cm,
         KB,
-        num_programs,  # programs in the grid: program p does tiles p, p + num_programs, ...
+        num_programs,  # programs in the grid: program p does work items p, p + num_programs, ...
         SB_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -193,14 +257,16 @@ def _build():
         GROUP_M: tl.constexpr,
         ROW_SCALE: tl.constexpr,
         PREFETCH: tl.constexpr,  # load the next K step's scales one iteration ahead
-        TMA_STORE: tl.constexpr,
+        TMA_STORE: tl.constexpr,  # only with SPLIT_K == 1
+        SPLIT_K: tl.constexpr,
     ):
         # The same product as fp8_gemm_kernel, with tiles brought in by the bulk tensor copy engine (TMA), which
         # also zero-fills ragged edges, so no masks or clamped addresses are needed. With as many programs as
         # tiles each program does one tile; a persistent grid (a few programs per SM) loops over them.
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
-        for tile in tl.range(tl.program_id(0), num_m * num_n, num_programs):
+        for item in tl.range(tl.program_id(0), num_m * num_n * SPLIT_K, num_programs):  # (split, tile) pairs
+            tile, split, kb_lo, kb_hi = _work_item(item, num_m * num_n, KB, SPLIT_K)
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
             a_s_ptrs = a_s_ptr + tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M - 1) * KB
             if ROW_SCALE:
@@ -209,9 +275,9 @@ def _build():
                 b_s_ptrs = b_s_ptr + (tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1) // SB_N) * KB
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if PREFETCH:
-                sa_next = tl.load(a_s_ptrs)
-                sb_next = tl.load(b_s_ptrs)
-            for kb in range(0, KB):
+                sa_next = tl.load(a_s_ptrs + kb_lo)
+                sb_next = tl.load(b_s_ptrs + kb_lo)
+            for kb in range(kb_lo, kb_hi):
                 a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
                 b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
                 if PREFETCH:
@@ -228,13 +294,13 @@ def _build():
             else:
                 offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
                 offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-                tl.store(c + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c.dtype.element_ty), mask=mask)
+                _store_tile(c, ws_ptr, cnt_ptr, acc, tile, split, offs_m, offs_n, M, N, stride_cm, SPLIT_K)
 
     return fp8_gemm_kernel, fp8_gemm_tma_kernel
 
 
 _NUM_SMS: dict[int, int] = {}
+_SPLIT: dict = {}  # (device, stream) -> (f32 workspace, int32 tile counters) of split-K launches
 
 
 def _num_sms(device: torch.device) -> int:
@@ -244,6 +310,24 @@ def _num_sms(device: torch.device) -> int:
     if idx not in _NUM_SMS:
         _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _NUM_SMS[idx]
+
+
+def _split_buffers(n: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split-K launch's f32 workspace (at least ``n`` elements) and its tile counters, kept per stream: launches
+    on one stream run one after another, each leaves every counter at zero, and the workspace is only read by the
+    launch that wrote it. (So a CUDA graph captured with split-K must not be replayed concurrently with split-K
+    calls on its capture stream.)"""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        key = (idx, torch._C._cuda_getCurrentRawStream(idx))
+    else:
+        key = (device, 0)
+    ws, cnt = _SPLIT.get(key, (None, None))
+    if ws is None or ws.numel() < n or cnt.numel() < tiles:
+        ws = torch.empty(max(n, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 1024, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _SPLIT[key] = ws, cnt
+    return ws, cnt
 
 
 def fp8_gemm(
@@ -256,70 +340,73 @@ def fp8_gemm(
     config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Triton version of ``fp8_gemm_ref`` (same contract); ``config`` (a ``GemmConfig``) overrides ``pick_config``."""
+    # Every line here runs on each call, and at small M the host's time per call exceeds the kernel's (8 us at
+    # M = 128; a torch call costs 1-3 us on the VMs measured): no work that a 2-D contiguous input does not need.
     global _kernel
-    _check_device(a)
+    if not a.is_cuda:
+        _check_device(a)
     if block[1] != BLOCK_K:
         raise ValueError(f"fp8_gemm needs {BLOCK_K}-wide K blocks, got block {block}")
     if _kernel is None:
         _kernel = _build()
-    *lead, K = a.shape
+    K = a.shape[-1]
     N = b.shape[0]
-    a2 = a.reshape(-1, K)
-    if a2.stride(-1) != 1:
+    a2 = a if a.dim() == 2 else a.reshape(-1, K)
+    a_s2 = a_s if a_s.dim() == 2 else a_s.reshape(-1, a_s.shape[-1])
+    if not a2.stride(-1) == 1:
         a2 = a2.contiguous()
-    a_s2 = a_s.reshape(-1, a_s.shape[-1]).contiguous()
-    b = b if b.stride(-1) == 1 else b.contiguous()
-    b_s = b_s.contiguous()
+    if not a_s2.is_contiguous():
+        a_s2 = a_s2.contiguous()
+    if not b.stride(-1) == 1:
+        b = b.contiguous()
+    if not b_s.is_contiguous():
+        b_s = b_s.contiguous()
     M = a2.shape[0]
     KB = -(-K // BLOCK_K)
-    assert b.shape[1] == K and a_s2.shape == (M, KB) and b_s.shape == (-(-N // block[0]), KB), (
-        a.shape,
-        a_s.shape,
-        b.shape,
-        b_s.shape,
-    )
+    if not (b.shape[1] == K and a_s2.shape == (M, KB) and b_s.shape == (-(-N // block[0]), KB)):
+        raise ValueError(f"fp8_gemm: shapes do not match: a {a.shape}, a_s {a_s.shape}, b {b.shape}, b_s {b_s.shape}")
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
-    if not (M and N):
-        return c.reshape(*lead, N)
-    cfg = pick_config(M, N, K) if config is None else GemmConfig(*config)
+    if M and N:
+        _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, block[0], config)
+    return c if a.dim() == 2 else c.reshape(*a.shape[:-1], N)
+
+
+def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
+    cfg = pick_config(M, N, K, _num_sms(a2.device)) if config is None else GemmConfig(*config)
     # The copy engine needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
-    tma_ok = K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    tma_ok = (cfg.tma or cfg.gluon) and K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
     if cfg.gluon:
         from . import fp8_gemm_ws
 
-        if (
-            tma_ok
-            and block[0] % cfg.block_n == 0
-            and (N * c.element_size()) % 16 == 0
-            and fp8_gemm_ws.available(a.device)
-        ):
-            programs = min(-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.persistent * _num_sms(a.device))
+        if tma_ok and sb_n % cfg.block_n == 0 and (N * c.element_size()) % 16 == 0 and fp8_gemm_ws.available(a2.device):
+            programs = min(-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.persistent * _num_sms(a2.device))
             fp8_gemm_ws.launch(
-                a2, b, c, a_s2, b_s, M, N, KB, block[0], programs, cfg.block_m, cfg.block_n, cfg.stages, cfg.group_m
+                a2, b, c, a_s2, b_s, M, N, KB, sb_n, programs, cfg.block_m, cfg.block_n, cfg.stages, cfg.group_m
             )
-            return c.reshape(*lead, N)
+            return
         cfg = LONG_K if K >= 4096 else SHORT_K  # no Hopper Gluon here: the Triton kernel's schedule
     bm, bn = cfg.block_m, cfg.block_n
     tiles = -(-M // bm) * -(-N // bn)
-    row_scale = block[0] % bn == 0
+    row_scale = sb_n % bn == 0
+    split = max(1, min(cfg.split_k, KB))
+    if split > 1 and split * M * N >= 2**31:  # the kernel indexes the workspace with 32-bit integers
+        split = 1
+    ws, cnt = (c, c) if split == 1 else _split_buffers(split * M * N, tiles, a2.device)
+    const = dict(SB_N=sb_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m)
+    opts = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     if cfg.tma and tma_ok:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        a_desc = TensorDescriptor.from_tensor(a2, [bm, BLOCK_K])
-        b_desc = TensorDescriptor.from_tensor(b, [bn, BLOCK_K])
-        tma_store = cfg.tma_store and (N * c.element_size()) % 16 == 0
-        c_arg = TensorDescriptor.from_tensor(c, [bm, bn]) if tma_store else c
-        programs = min(tiles, cfg.persistent * _num_sms(a.device)) if cfg.persistent else tiles
-        _kernel[1][(programs,)](
-            a_desc, b_desc, c_arg, a_s2, b_s, M, N, c.stride(0), KB, programs, SB_N=block[0],
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m, ROW_SCALE=row_scale,
-            PREFETCH=bool(cfg.prefetch), TMA_STORE=bool(tma_store), num_warps=cfg.warps, num_stages=cfg.stages,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
-        )  # fmt: skip
+        a_desc = TensorDescriptor(a2, [M, K], [a2.stride(0), 1], [bm, BLOCK_K])
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [bn, BLOCK_K])
+        tma_store = cfg.tma_store and split == 1 and (N * c.element_size()) % 16 == 0
+        c_arg = TensorDescriptor(c, [M, N], [N, 1], [bm, bn]) if tma_store else c
+        items = tiles * split
+        programs = min(items, cfg.persistent * _num_sms(a2.device)) if cfg.persistent else items
+        args = (a_desc, b_desc, c_arg, ws, cnt, a_s2, b_s, M, N, N, KB, programs)
+        const.update(ROW_SCALE=row_scale, PREFETCH=bool(cfg.prefetch), TMA_STORE=bool(tma_store), SPLIT_K=split)
+        _launch.launch(_kernel[1], (programs,), args, const, **opts)
     else:
-        _kernel[0][(tiles,)](
-            a2, b, c, a_s2, b_s, M, N, K, a2.stride(0), b.stride(0), c.stride(0), KB, SB_N=block[0],
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale,
-            num_warps=cfg.warps, num_stages=cfg.stages,
-        )  # fmt: skip
-    return c.reshape(*lead, N)
+        args = (a2, b, c, ws, cnt, a_s2, b_s, M, N, K, a2.stride(0), b.stride(0), N, KB)
+        const.update(GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale, SPLIT_K=split)
+        _launch.launch(_kernel[0], (tiles * split,), args, const, **opts)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _launch
+
 _kernel = None
 _error: str | None = None
 
@@ -188,7 +190,6 @@ def available(device: torch.device) -> bool:
 
 
 _LAYOUTS: dict = {}  # (block shape, torch dtype) -> NVMMASharedLayout: building one costs several microseconds
-_LAUNCHERS: dict = {}  # specialization key -> compiled kernel (skips the JIT's argument binding on each call)
 
 
 def build_error() -> str | None:
@@ -223,16 +224,4 @@ def launch(a2, b, c, a_s2, b_s, M, N, KB, sb_n, programs, block_m=128, block_n=1
     )  # fmt: skip
     const = dict(SB_N=sb_n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=group_m, STAGES=stages,
                  PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs)  # fmt: skip
-    # Triton compiles one variant per signature (the arguments' dtypes) and specialization (integers equal to 1 or
-    # divisible by 16, pointers 16-byte aligned): the key holds all of that, so a cached variant is only reused
-    # where the JIT would have picked it too.
-    ints = (M, N, KB, programs, a_s2.data_ptr(), b_s.data_ptr())
-    dtypes = (a2.dtype, b.dtype, c.dtype, a_s2.dtype, b_s.dtype)
-    key = (*dtypes, c.device.index, *const.values(), *((v % 16 == 0, v == 1) for v in ints))
-    run = _LAUNCHERS.get(key)
-    if run is not None:
-        run((programs, 1, 1))(*args, *const.values())
-        return
-    compiled = _kernel[(programs,)](*args, **const, num_warps=4)
-    if callable(getattr(compiled, "__getitem__", None)):
-        _LAUNCHERS[key] = compiled.__getitem__
+    _launch.launch(_kernel, (programs,), args, const, num_warps=4)

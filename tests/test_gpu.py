@@ -61,7 +61,7 @@ def test_act_quant_bit_identical(fmt: str | None, shape: tuple[int, int], dtype:
         (1040, 384, 1040),  # K a multiple of 16 but not of 128: the copy engine zero-fills the last K block
     ],
 )
-@pytest.mark.parametrize("schedule", ["pick", "pointer", "short_k", "long_k", "gluon"])
+@pytest.mark.parametrize("schedule", ["pick", "pointer", "short_k", "long_k", "gluon", "split_ptr", "split_tma"])
 def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], schedule: str) -> None:
     from dsv3_tools.kernels.act_quant import act_quant_ref
     from dsv3_tools.kernels.fp8_gemm import LONG_K, SHORT_K, WS_128, GemmConfig, fp8_gemm, fp8_gemm_ref, pick_config
@@ -72,7 +72,14 @@ def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], schedule: str) ->
     w = torch.randn(N, K, device="cuda")
     q, ws = weight_quant_ref(w)
     aq, as_ = act_quant_ref(a)
-    cfg = {"pick": pick_config(M, N, K), "pointer": GemmConfig(64, 128, 4, 4), "short_k": SHORT_K, "long_k": LONG_K}
+    cfg = {
+        "pick": pick_config(M, N, K),
+        "pointer": GemmConfig(64, 128, 4, 4),
+        "short_k": SHORT_K,
+        "long_k": LONG_K,
+        "split_ptr": GemmConfig(64, 128, 4, 4, split_k=3),
+        "split_tma": GemmConfig(64, 128, 4, 4, tma=1, split_k=4),
+    }
     cfg = cfg[schedule] if schedule != "gluon" else WS_128
     got = fp8_gemm(aq, as_, q, ws, torch.float32, config=cfg)
     want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
@@ -83,6 +90,44 @@ def test_fp8_gemm_matches_reference(mnk: tuple[int, int, int], schedule: str) ->
     # Against the unquantized f32 product: the activation + weight quantization error only.
     full = ((fp8_gemm(aq, as_, q, ws, config=cfg).float() - a @ w.T).norm() / (a @ w.T).norm()).item()
     assert full < 4e-2, f"{mnk}: {full:.3e} vs the unquantized product"
+
+
+@pytest.mark.parametrize("tma", [0, 1])
+def test_fp8_gemm_split_k_is_deterministic(tma: int) -> None:
+    """Split-K on the GPU, where a tile's programs really race: the last to arrive sums the partials in split order,
+    so 30 calls give the same bits; every tile counter is back at zero after each call."""
+    from dsv3_tools.kernels import fp8_gemm as mod
+    from dsv3_tools.kernels.act_quant import act_quant_ref
+    from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_ref
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    aq, as_ = act_quant_ref(torch.randn(200, 7168, device="cuda"))
+    q, ws = weight_quant_ref(torch.randn(2048, 7168, device="cuda"))
+    cfg = GemmConfig(64, 128, 4, 4, tma=tma, split_k=7)
+    first = fp8_gemm(aq, as_, q, ws, torch.float32, config=cfg)
+    for i in range(30):
+        again = fp8_gemm(aq, as_, q, ws, torch.float32, config=cfg)
+        assert torch.equal(again, first), f"call {i}: {(again != first).sum().item()} elements differ"
+    torch.cuda.synchronize()
+    assert mod._SPLIT and all(int(cnt.abs().sum()) == 0 for ws, cnt in mod._SPLIT.values())
+    want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
+    err = ((first - want).norm() / want.norm()).item()
+    assert err < 1e-3, f"relative error {err:.3e}"
+
+
+def test_launches_take_the_short_path() -> None:
+    """After a kernel's first call, later calls skip the JIT's argument binding (kernels/_launch.py): with a Triton
+    whose internals moved, the kernels would still run, but at several times the host cost per call."""
+    from dsv3_tools.kernels import _launch
+    from dsv3_tools.kernels.act_quant import act_quant_ref
+    from dsv3_tools.kernels.fp8_gemm import fp8_gemm
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    aq, as_ = act_quant_ref(torch.randn(16, 256, device="cuda"))
+    q, ws = weight_quant_ref(torch.randn(384, 256, device="cuda"))
+    first = fp8_gemm(aq, as_, q, ws, torch.float32)
+    assert _launch.disabled_reason() is None and _launch._CACHE
+    assert torch.equal(fp8_gemm(aq, as_, q, ws, torch.float32), first)
 
 
 def test_gluon_kernel_builds_on_hopper() -> None:

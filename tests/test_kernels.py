@@ -181,11 +181,18 @@ def test_fp8_path_error_is_activation_quantization_level(fmt: str | None) -> Non
         GemmConfig(16, 128, 4, 3, tma=1, persistent=1, prefetch=1, tma_store=1, group_m=16),
         GemmConfig(16, 256, 4, 3, tma=1, prefetch=1),  # a tile wider than a weight block: per-column scales
         GemmConfig(16, 256, 4, 3),  # the pointer kernel, likewise
+        GemmConfig(16, 64, 4, 3, split_k=2),  # split-K: 3 K blocks in shares of 1 and 2
+        GemmConfig(16, 64, 4, 3, split_k=3),
+        GemmConfig(16, 256, 4, 3, split_k=2),
+        GemmConfig(16, 64, 4, 3, tma=1, tma_store=1, split_k=2),  # no TMA store with split-K: the partials
+        GemmConfig(16, 128, 4, 3, tma=1, persistent=1, prefetch=1, split_k=3),
+        GemmConfig(16, 64, 4, 3, split_k=8),  # more splits than K blocks: one per block
     ],
 )
 def test_fp8_gemm_tma_kernel_interpreted(cfg: GemmConfig) -> None:
     """The TMA kernel (used on the GPU from M = 1024) and its variants, on ragged M, N and K: with a persistent
-    grid of 2 or 4 programs (the interpreter's "GPU" has 2 SMs) each program loops over several of the tiles."""
+    grid of 2 or 4 programs (the interpreter's "GPU" has 2 SMs) each program loops over several of the tiles;
+    with split-K each tile's partial sums meet in the workspace."""
     M, N, K = 24, 200, 320
     aq, a_s = act_quant_ref(torch.randn(M, K, generator=_gen(9)))
     q, w_s = weight_quant_ref(torch.randn(N, K, generator=_gen(10)))
@@ -193,6 +200,26 @@ def test_fp8_gemm_tma_kernel_interpreted(cfg: GemmConfig) -> None:
     got = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < 1e-6, f"{cfg}: relative error {err:.2e}"
+
+
+@interpreted
+def test_fp8_gemm_split_k_is_deterministic_and_leaves_counters_zero() -> None:
+    """Split-K sums its partials in split order whichever program finishes last: two runs agree bit for bit, and
+    every tile counter is back at zero for the next call (a counter left at 1 would make the next call's first
+    arriving program sum partials that are not written yet)."""
+    from dsv3_tools.kernels import fp8_gemm as mod
+
+    M, N, K = 40, 200, 640
+    aq, a_s = act_quant_ref(torch.randn(M, K, generator=_gen(13)))
+    q, w_s = weight_quant_ref(torch.randn(N, K, generator=_gen(14)))
+    cfg = GemmConfig(16, 64, 4, 3, split_k=3)
+    first = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg)
+    counters = [cnt for (dev, _), (ws, cnt) in mod._SPLIT.items() if dev == aq.device]
+    assert counters and all(int(t.abs().sum()) == 0 for t in counters)
+    assert torch.equal(first, fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg))
+    want = _gemm_by_blocks(aq, a_s, q, w_s)
+    err = ((first.double() - want).norm() / want.norm()).item()
+    assert err < 1e-6, f"relative error {err:.2e}"
 
 
 @interpreted
