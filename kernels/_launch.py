@@ -51,6 +51,7 @@ def _resolve() -> bool:
         # Device and stream as the JIT gets them (torch's current ones), without its Python wrappers.
         _STATE["get_device"] = torch._C._cuda_getDevice
         _STATE["get_stream"] = torch._C._cuda_getCurrentRawStream
+        _STATE["tensor"] = torch.Tensor
         _STATE["knobs"] = knobs.runtime
     except Exception as e:  # interpreter, or a Triton whose internals differ: the JIT path every time
         _STATE["off"] = f"{type(e).__name__}: {e}"
@@ -58,18 +59,26 @@ def _resolve() -> bool:
     return True
 
 
-def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, **options: Any) -> None:
+def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, static: Any = None, **options: Any) -> None:
     """``fn[grid](*args, **constexprs, **options)``, with the JIT's binding skipped after the first call of each
     specialization. ``args`` are the kernel's runtime parameters in order, ``constexprs`` the rest, also in order
-    (the compiled kernel takes every parameter by position)."""
+    (the compiled kernel takes every parameter by position).
+
+    ``static``: a hashable value from the caller that fixes everything the specialization depends on except the
+    tensors' 16-byte alignment (the constexprs and options, every integer argument, each tensor's dtype, each
+    descriptor's block): then only the alignment of the tensor arguments is looked at, which is cheaper."""
     st = _STATE
     if not _resolve() or _hooked(st["knobs"].launch_enter_hook) or _hooked(st["knobs"].launch_exit_hook):
         fn[grid](*args, **constexprs, **options)
         return
-    spec, backend = st["specialize"], st["backend"]
     device = st["get_device"]()
-    const = tuple(constexprs.values())
-    key = (id(fn), device, const, tuple(options.items()), *[spec(backend, a, False, True, True) for a in args])
+    if static is None:
+        spec, backend = st["specialize"], st["backend"]
+        key = (id(fn), device, tuple(constexprs.values()), tuple(options.items()),
+               *[spec(backend, a, False, True, True) for a in args])  # fmt: skip
+    else:
+        tensor = st["tensor"]
+        key = (id(fn), device, static, *[a.data_ptr() % 16 == 0 for a in args if isinstance(a, tensor)])
     kernel = _CACHE.get(key)
     if kernel is None:
         kernel = fn[grid](*args, **constexprs, **options)
@@ -79,4 +88,4 @@ def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, **opti
         return
     g = (*grid, 1, 1)
     kernel.run(g[0], g[1], g[2], st["get_stream"](device), kernel.function, kernel.packed_metadata, None, None, None,
-               *args, *const)  # fmt: skip
+               *args, *constexprs.values())  # fmt: skip

@@ -367,46 +367,81 @@ def fp8_gemm(
         raise ValueError(f"fp8_gemm: shapes do not match: a {a.shape}, a_s {a_s.shape}, b {b.shape}, b_s {b_s.shape}")
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M and N:
-        _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, block[0], config)
+        _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, block[0], None if config is None else GemmConfig(*config))
     return c if a.dim() == 2 else c.reshape(*a.shape[:-1], N)
 
 
-def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
-    cfg = pick_config(M, N, K, _num_sms(a2.device)) if config is None else GemmConfig(*config)
-    # The copy engine needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
-    tma_ok = (cfg.tma or cfg.gluon) and K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+class _Plan(NamedTuple):
+    """What a call does, worked out once per shape, dtypes, strides, alignment and config (``_PLANS``)."""
+
+    kind: int  # 0: the pointer kernel, 1: the TMA kernel, 2: the Gluon kernel (fp8_gemm_ws)
+    cfg: GemmConfig
+    programs: int
+    split: int
+    tiles: int
+    tma_store: bool
+    const: dict
+    opts: dict
+
+
+_PLANS: dict = {}
+
+
+def _plan(M: int, N: int, K: int, KB: int, sb_n: int, c_size: int, aligned: bool, device, config) -> _Plan:
+    sms = _num_sms(device)
+    cfg = pick_config(M, N, K, sms) if config is None else config
     if cfg.gluon:
         from . import fp8_gemm_ws
 
-        if tma_ok and sb_n % cfg.block_n == 0 and (N * c.element_size()) % 16 == 0 and fp8_gemm_ws.available(a2.device):
-            programs = min(-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.persistent * _num_sms(a2.device))
-            fp8_gemm_ws.launch(
-                a2, b, c, a_s2, b_s, M, N, KB, sb_n, programs, cfg.block_m, cfg.block_n, cfg.stages, cfg.group_m
-            )
-            return
+        if aligned and sb_n % cfg.block_n == 0 and (N * c_size) % 16 == 0 and fp8_gemm_ws.available(device):
+            programs = min(-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.persistent * sms)
+            return _Plan(2, cfg, programs, 1, 0, False, {}, {})
         cfg = LONG_K if K >= 4096 else SHORT_K  # no Hopper Gluon here: the Triton kernel's schedule
     bm, bn = cfg.block_m, cfg.block_n
     tiles = -(-M // bm) * -(-N // bn)
-    row_scale = sb_n % bn == 0
     split = max(1, min(cfg.split_k, KB))
     if split > 1 and split * M * N >= 2**31:  # the kernel indexes the workspace with 32-bit integers
         split = 1
-    ws, cnt = (c, c) if split == 1 else _split_buffers(split * M * N, tiles, a2.device)
     const = dict(SB_N=sb_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m)
     opts = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
-    if cfg.tma and tma_ok:
+    row_scale = sb_n % bn == 0
+    if cfg.tma and aligned:
+        tma_store = bool(cfg.tma_store) and split == 1 and (N * c_size) % 16 == 0
+        programs = min(tiles * split, cfg.persistent * sms) if cfg.persistent else tiles * split
+        const.update(ROW_SCALE=row_scale, PREFETCH=bool(cfg.prefetch), TMA_STORE=tma_store, SPLIT_K=split)
+        return _Plan(1, cfg, programs, split, tiles, tma_store, const, opts)
+    const.update(GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale, SPLIT_K=split)
+    return _Plan(0, cfg, tiles * split, split, tiles, False, const, opts)
+
+
+def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
+    # The copy engine (TMA, Gluon) needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
+    aligned = K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    sa, sb = a2.stride(0), b.stride(0)
+    key = (M, N, K, sb_n, sa, sb, c.dtype, a2.dtype, b.dtype, a_s2.dtype, b_s.dtype, aligned, a2.get_device(), config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(M, N, K, KB, sb_n, c.element_size(), aligned, a2.device, config)
+    cfg = plan.cfg
+    if plan.kind == 2:
+        from . import fp8_gemm_ws
+
+        fp8_gemm_ws.launch(
+            a2, b, c, a_s2, b_s, M, N, KB, sb_n, plan.programs, cfg.block_m, cfg.block_n, cfg.stages, cfg.group_m
+        )
+        return
+    ws, cnt = (c, c) if plan.split == 1 else _split_buffers(plan.split * M * N, plan.tiles, a2.device)
+    if plan.kind == 1:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        a_desc = TensorDescriptor(a2, [M, K], [a2.stride(0), 1], [bm, BLOCK_K])
-        b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [bn, BLOCK_K])
-        tma_store = cfg.tma_store and split == 1 and (N * c.element_size()) % 16 == 0
-        c_arg = TensorDescriptor(c, [M, N], [N, 1], [bm, bn]) if tma_store else c
-        items = tiles * split
-        programs = min(items, cfg.persistent * _num_sms(a2.device)) if cfg.persistent else items
-        args = (a_desc, b_desc, c_arg, ws, cnt, a_s2, b_s, M, N, N, KB, programs)
-        const.update(ROW_SCALE=row_scale, PREFETCH=bool(cfg.prefetch), TMA_STORE=bool(tma_store), SPLIT_K=split)
-        _launch.launch(_kernel[1], (programs,), args, const, **opts)
+        bm, bn = cfg.block_m, cfg.block_n
+        a_desc = TensorDescriptor(a2, [M, K], [sa, 1], [bm, BLOCK_K])
+        b_desc = TensorDescriptor(b, [N, K], [sb, 1], [bn, BLOCK_K])
+        c_arg = TensorDescriptor(c, [M, N], [N, 1], [bm, bn]) if plan.tma_store else c
+        args = (a_desc, b_desc, c_arg, ws, cnt, a_s2, b_s, M, N, N, KB, plan.programs)
     else:
-        args = (a2, b, c, ws, cnt, a_s2, b_s, M, N, K, a2.stride(0), b.stride(0), N, KB)
-        const.update(GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale, SPLIT_K=split)
-        _launch.launch(_kernel[0], (tiles * split,), args, const, **opts)
+        args = (a2, b, c, ws, cnt, a_s2, b_s, M, N, K, sa, sb, N, KB)
+    # The plan's key fixes every argument's specialization but the tensors' alignment: _launch adds that.
+    _launch.launch(_kernel[plan.kind], (plan.programs,), args, plan.const, static=key, **plan.opts)

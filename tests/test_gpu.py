@@ -130,6 +130,34 @@ def test_launches_take_the_short_path() -> None:
     assert torch.equal(fp8_gemm(aq, as_, q, ws, torch.float32), first)
 
 
+@pytest.mark.parametrize("M", [128, 1024])
+def test_fp8_gemm_on_unaligned_views(M: int) -> None:
+    """Operands at addresses that are not 16-byte aligned (views into a larger buffer) take kernels compiled
+    without the alignment assumption (no TMA, no Gluon); each launch is keyed on its tensors' alignment, so
+    aligned, unaligned and aligned calls in a row each get their own variant. The same sums in the same order:
+    equal to f32 rounding (another kernel may fuse a multiply-add differently), and the last call, aligned
+    again, equal bit for bit to the first."""
+    from dsv3_tools.kernels.act_quant import act_quant_ref
+    from dsv3_tools.kernels.fp8_gemm import fp8_gemm
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    N, K = 2048, 7168
+    aq, as_ = act_quant_ref(torch.randn(M, K, device="cuda"))
+    q, ws = weight_quant_ref(torch.randn(N, K, device="cuda"))
+    buf = torch.empty(M * K + 1, dtype=aq.dtype, device="cuda")
+    odd = buf[1:].view(M, K)  # one byte past an aligned base
+    odd.copy_(aq)
+    sbuf = torch.empty(M * as_.shape[1] + 1, device="cuda")
+    odd_s = sbuf[1:].view(as_.shape)  # 4 bytes past
+    odd_s.copy_(as_)
+    first = fp8_gemm(aq, as_, q, ws, torch.float32)
+    for i, (a, s) in enumerate(((odd, as_), (aq, odd_s), (odd, odd_s))):
+        got = fp8_gemm(a, s, q, ws, torch.float32)
+        err = ((got - first).norm() / first.norm()).item()
+        assert err < 1e-6, f"unaligned case {i}: relative difference {err:.2e}"
+    assert torch.equal(fp8_gemm(aq, as_, q, ws, torch.float32), first)
+
+
 def test_gluon_kernel_builds_on_hopper() -> None:
     """On a Hopper GPU the Gluon kernel must be available: fp8_gemm would otherwise fall back to its Triton
     schedules without a word, and the gluon rows above would test those instead."""
