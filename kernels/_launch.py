@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-_CACHE: dict = {}  # key -> (compiled kernel, stream getter)
+_CACHE: dict = {}  # key -> compiled kernel
 _STATE: dict = {}  # "specialize", "backend", ...: resolved once; "off": why the fast path is unavailable
 
 
@@ -81,6 +81,8 @@ def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, static
         key = (id(fn), device, static, *[a.data_ptr() % 16 == 0 for a in args if isinstance(a, tensor)])
     kernel = _CACHE.get(key)
     if kernel is None:
+        if len(_CACHE) > 16384:  # keys hold shapes: a long run over many distinct ones starts over (no recompiles)
+            _CACHE.clear()
         kernel = fn[grid](*args, **constexprs, **options)
         if hasattr(kernel, "result"):  # an asynchronous compile: its future
             kernel = kernel.result()

@@ -109,7 +109,7 @@ def test_fp8_gemm_split_k_is_deterministic(tma: int) -> None:
         again = fp8_gemm(aq, as_, q, ws, torch.float32, config=cfg)
         assert torch.equal(again, first), f"call {i}: {(again != first).sum().item()} elements differ"
     torch.cuda.synchronize()
-    assert mod._SPLIT and all(int(cnt.abs().sum()) == 0 for ws, cnt in mod._SPLIT.values())
+    assert mod._SPLIT and all(int(cnt.abs().sum()) == 0 for _work, cnt in mod._SPLIT.values())
     want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
     err = ((first - want).norm() / want.norm()).item()
     assert err < 1e-3, f"relative error {err:.3e}"

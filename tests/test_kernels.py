@@ -205,8 +205,8 @@ def test_fp8_gemm_tma_kernel_interpreted(cfg: GemmConfig) -> None:
 @interpreted
 def test_fp8_gemm_split_k_is_deterministic_and_leaves_counters_zero() -> None:
     """Split-K sums its partials in split order whichever program finishes last: two runs agree bit for bit, and
-    every tile counter is back at zero for the next call (a counter left at 1 would make the next call's first
-    arriving program sum partials that are not written yet)."""
+    every tile counter is back at zero for the next call (a counter left elsewhere would make the next call's
+    programs mistake which of them arrives last: a tile summed before its partials are written, or never)."""
     from dsv3_tools.kernels import fp8_gemm as mod
 
     M, N, K = 40, 200, 640
@@ -214,7 +214,7 @@ def test_fp8_gemm_split_k_is_deterministic_and_leaves_counters_zero() -> None:
     q, w_s = weight_quant_ref(torch.randn(N, K, generator=_gen(14)))
     cfg = GemmConfig(16, 64, 4, 3, split_k=3)
     first = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg)
-    counters = [cnt for (dev, _), (ws, cnt) in mod._SPLIT.items() if dev == aq.device]
+    counters = [cnt for (dev, _), (_work, cnt) in mod._SPLIT.items() if dev == aq.device]
     assert counters and all(int(t.abs().sum()) == 0 for t in counters)
     assert torch.equal(first, fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg))
     want = _gemm_by_blocks(aq, a_s, q, w_s)
