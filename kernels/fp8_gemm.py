@@ -418,9 +418,12 @@ def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
     # The copy engine (TMA, Gluon) needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
     aligned = K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
     sa, sb = a2.stride(0), b.stride(0)
-    key = (M, N, K, sb_n, sa, sb, c.dtype, a2.dtype, b.dtype, a_s2.dtype, b_s.dtype, aligned, a2.get_device(), config)
+    devices = (a2.get_device(), b.get_device(), a_s2.get_device(), b_s.get_device())
+    key = (M, N, K, sb_n, sa, sb, c.dtype, a2.dtype, b.dtype, a_s2.dtype, b_s.dtype, aligned, devices, config)
     plan = _PLANS.get(key)
     if plan is None:
+        if devices.count(devices[0]) != 4:  # the launch passes bare addresses: they must all be this GPU's
+            raise ValueError(f"fp8_gemm: operands on different devices: a, b, a_s, b_s on {devices} (-1: CPU)")
         if len(_PLANS) > 4096:
             _PLANS.clear()
         plan = _PLANS[key] = _plan(M, N, K, KB, sb_n, c.element_size(), aligned, a2.device, config)
@@ -443,5 +446,6 @@ def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
         args = (a_desc, b_desc, c_arg, ws, cnt, a_s2, b_s, M, N, N, KB, plan.programs)
     else:
         args = (a2, b, c, ws, cnt, a_s2, b_s, M, N, K, sa, sb, N, KB)
-    # The plan's key fixes every argument's specialization but the tensors' alignment: _launch adds that.
+    # The plan's key fixes every argument's specialization but the tensors' alignment (_launch adds that), and
+    # that all operands are on one device.
     _launch.launch(_kernel[plan.kind], (plan.programs,), args, plan.const, static=key, **plan.opts)

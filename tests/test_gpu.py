@@ -158,6 +158,19 @@ def test_fp8_gemm_on_unaligned_views(M: int) -> None:
     assert torch.equal(fp8_gemm(aq, as_, q, ws, torch.float32), first)
 
 
+def test_fp8_gemm_rejects_operands_on_two_devices() -> None:
+    """The launch passes bare addresses (kernels/_launch.py); a CPU weight with CUDA activations must be a clear
+    error, not a fault."""
+    from dsv3_tools.kernels.act_quant import act_quant_ref
+    from dsv3_tools.kernels.fp8_gemm import fp8_gemm
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    aq, a_s = act_quant_ref(torch.randn(16, 256, device="cuda"))
+    q, w_s = weight_quant_ref(torch.randn(128, 256))
+    with pytest.raises(ValueError, match="different devices"):
+        fp8_gemm(aq, a_s, q, w_s.cuda())
+
+
 def test_gluon_kernel_builds_on_hopper() -> None:
     """On a Hopper GPU the Gluon kernel must be available: fp8_gemm would otherwise fall back to its Triton
     schedules without a word, and the gluon rows above would test those instead."""
