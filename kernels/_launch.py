@@ -38,14 +38,14 @@ def _resolve() -> bool:
     if "specialize" in _STATE:
         return True
     try:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise RuntimeError("TRITON_INTERPRET=1: the interpreter runs kernels itself")
         import torch
         from triton import knobs
         from triton._C.libtriton import native_specialize_impl
         from triton.compiler.compiler import make_backend
         from triton.runtime import driver
 
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            raise RuntimeError("TRITON_INTERPRET=1: the interpreter runs kernels itself")
         _STATE["specialize"] = native_specialize_impl
         _STATE["backend"] = make_backend(driver.active.get_current_target())
         # Device and stream as the JIT gets them (torch's current ones), without its Python wrappers.

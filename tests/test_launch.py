@@ -1,0 +1,113 @@
+"""kernels/_launch.py, the short launch path, on a stand-in for Triton's JIT (the real path runs on the GPU only:
+tests/test_gpu.py checks it is in use there and that every kernel result matches its reference through it).
+
+The stand-in records what reaches the JIT (which compiles) and what reaches the compiled kernel's launcher, so these
+tests check the path's logic: which calls may skip the JIT, under which key, with which arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dsv3_tools.kernels import _launch
+
+
+class Compiled:
+    def __init__(self, log: list) -> None:
+        self.log, self.function, self.packed_metadata = log, "fn-handle", "meta"
+
+    def run(self, gx, gy, gz, stream, function, packed, meta, enter, exit_, *args) -> None:
+        self.log.append(("run", (gx, gy, gz), stream, args))
+
+
+class Jit:
+    """``fn[grid](*args, **kw)`` as Triton's JIT: "compiles" (logs) and returns the compiled kernel."""
+
+    def __init__(self) -> None:
+        self.log: list = []
+
+    def __getitem__(self, grid):
+        def call(*args, **kw):
+            self.log.append(("jit", grid, args, kw))
+            return Compiled(self.log)
+
+        return call
+
+
+class Hooks:
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+
+class Knobs:
+    def __init__(self, hooked: bool = False) -> None:
+        self.launch_enter_hook = Hooks([print] if hooked else [])
+        self.launch_exit_hook = Hooks([])
+
+
+@pytest.fixture
+def fake_triton(monkeypatch: pytest.MonkeyPatch) -> dict:
+    def spec(backend, a, is_const, specialize, align):  # Triton's per-argument specialization, reduced
+        if isinstance(a, torch.Tensor):
+            return (str(a.dtype), "D" if a.data_ptr() % 16 == 0 else None)
+        return ("i32", "D" if a % 16 == 0 else None)
+
+    state = dict(specialize=spec, backend=None, get_device=lambda: 0, get_stream=lambda d: 7, tensor=torch.Tensor)
+    state["knobs"] = Knobs()
+    monkeypatch.setattr(_launch, "_STATE", state)
+    monkeypatch.setattr(_launch, "_CACHE", {})
+    return state
+
+
+def _views() -> tuple[torch.Tensor, torch.Tensor]:
+    buf = torch.zeros(64, dtype=torch.uint8)
+    return buf[:32], buf[1:33]  # the second one byte past an aligned base (torch's CPU allocations are aligned)
+
+
+def test_second_call_skips_the_jit_and_keeps_argument_order(fake_triton: dict) -> None:
+    fn, (t, _) = Jit(), _views()
+    for _ in range(3):
+        _launch.launch(fn, (5,), (t, 32, 3), {"BLOCK": 64, "FLAG": True}, num_warps=4)
+    assert [e[0] for e in fn.log] == ["jit", "run", "run"]
+    assert fn.log[0][2:] == ((t, 32, 3), {"BLOCK": 64, "FLAG": True, "num_warps": 4})
+    # the compiled kernel takes every parameter by position, the constexprs after the runtime ones
+    assert fn.log[1] == ("run", (5, 1, 1), 7, (t, 32, 3, 64, True))
+
+
+def test_a_new_specialization_goes_back_to_the_jit(fake_triton: dict) -> None:
+    fn, (t, odd) = Jit(), _views()
+    calls = [(t, 32), (t, 33), (odd, 32), (t, 32), (t, 48)]  # 33: not divisible by 16; odd: not aligned
+    for args in calls:
+        _launch.launch(fn, (1,), args, {"B": 1})
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit", "run", "run"]  # 48 specializes like 32
+    _launch.launch(fn, (1,), (t, 32), {"B": 2})  # another constexpr value
+    _launch.launch(fn, (1,), (t, 32), {"B": 1}, num_warps=8)  # another option
+    assert [e[0] for e in fn.log[-2:]] == ["jit", "jit"]
+
+
+def test_static_key_passes_addresses_and_still_keys_on_alignment(fake_triton: dict) -> None:
+    fn, (t, odd) = Jit(), _views()
+    for args in [(t, 9), (t, 9), (odd, 9), (odd, 9)]:
+        _launch.launch(fn, (2,), args, {"B": 1}, static=("plan", 1))
+    assert [e[0] for e in fn.log] == ["jit", "run", "jit", "run"]
+    assert fn.log[0][2] == (t, 9)  # the JIT gets the tensor (it specializes on its dtype)
+    assert fn.log[1][3] == (t.data_ptr(), 9, 1)  # the launcher gets its address
+    assert fn.log[3][3] == (odd.data_ptr(), 9, 1)
+
+
+def test_hooks_or_an_unavailable_path_take_the_jit_every_time(fake_triton: dict, monkeypatch) -> None:
+    fn, (t, _) = Jit(), _views()
+    fake_triton["knobs"] = Knobs(hooked=True)  # a profiler's launch hook must see every launch
+    for _ in range(2):
+        _launch.launch(fn, (1,), (t,), {})
+    monkeypatch.setattr(_launch, "_STATE", {"off": "no Triton internals"})
+    _launch.launch(fn, (1,), (t,), {}, static="plan")
+    assert [e[0] for e in fn.log] == ["jit", "jit", "jit"]
+    assert _launch.disabled_reason() == "no Triton internals"
+
+
+def test_interpreter_disables_the_short_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_launch, "_STATE", {})
+    fn = Jit()
+    _launch.launch(fn, (1,), (3,), {})
+    assert fn.log[0][0] == "jit" and "TRITON_INTERPRET" in _launch.disabled_reason()
