@@ -26,8 +26,9 @@ import time
 import torch
 import triton
 from dsv3_tools.kernels.act_quant import act_quant
-from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_ref, pick_config
+from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm, pick_config
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
+from gpu_gemm_tune import operands  # this script's folder is on sys.path when run
 
 SHAPES = [(128, 7168, 2048), (16, 18432, 7168), (128, 2048, 7168), (128, 18432, 7168), (256, 7168, 2048),
           (512, 2048, 7168), (64, 7168, 2048), (16, 2048, 7168), (128, 576, 7168), (16, 576, 7168),
@@ -105,12 +106,7 @@ def fmt(r: dict) -> str:
 
 
 def run_shape(M: int, N: int, K: int, out: dict, wide: bool = False, pick_only: bool = False) -> None:
-    g = torch.Generator(device="cuda").manual_seed(M + N + K)
-    a = torch.randn(M, K, device="cuda", generator=g)
-    w = torch.randn(N, K, device="cuda", generator=g)
-    q, ws = weight_quant_ref(w)
-    aq, as_ = act_quant(a)
-    want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
+    a, w, q, ws, aq, as_, want = operands(M, N, K)
     flops = 2 * M * N * K
     abf, wbf = a.bfloat16(), w.bfloat16()
     base = measure(lambda: abf @ wbf.T, flops)

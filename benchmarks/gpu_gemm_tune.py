@@ -44,13 +44,19 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=20, rep=80, return_mode="median")
 
 
-def tune(M: int, N: int, K: int, out: dict) -> str:
-    g = torch.Generator(device="cuda").manual_seed(M + N + K)
-    a = torch.randn(M, K, device="cuda", generator=g)
-    w = torch.randn(N, K, device="cuda", generator=g)
+def operands(M: int, N: int, K: int, device: str = "cuda") -> tuple[torch.Tensor, ...]:
+    """Random normal activations a [M, K] and weights w [N, K] (seeded by the shape), their FP8 forms (q, ws: the
+    weights; aq, as_: the activations) and the f32 reference product of the quantized operands."""
+    g = torch.Generator(device=device).manual_seed(M + N + K)
+    a = torch.randn(M, K, device=device, generator=g)
+    w = torch.randn(N, K, device=device, generator=g)
     q, ws = weight_quant_ref(w)
     aq, as_ = act_quant(a)
-    want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
+    return a, w, q, ws, aq, as_, fp8_gemm_ref(aq, as_, q, ws, torch.float32)
+
+
+def tune(M: int, N: int, K: int, out: dict) -> str:
+    a, w, q, ws, aq, as_, want = operands(M, N, K)
     flops = 2 * M * N * K
     seen: dict[GemmConfig, float] = {}
 
