@@ -415,9 +415,9 @@ def _plan(M: int, N: int, K: int, KB: int, sb_n: int, c_size: int, aligned: bool
 
 
 def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
-    # The copy engine (TMA, Gluon) needs 16-byte aligned rows and bases (K % 16 == 0 for FP8).
-    aligned = K % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    # The copy engine (TMA, Gluon) needs 16-byte aligned bases and rows (FP8: K and the row strides multiples of 16).
     sa, sb = a2.stride(0), b.stride(0)
+    aligned = (K | sa | sb) % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
     devices = (a2.get_device(), b.get_device(), a_s2.get_device(), b_s.get_device())
     key = (M, N, K, sb_n, sa, sb, c.dtype, a2.dtype, b.dtype, a_s2.dtype, b_s.dtype, aligned, devices, config)
     plan = _PLANS.get(key)

@@ -203,6 +203,22 @@ def test_fp8_gemm_tma_kernel_interpreted(cfg: GemmConfig) -> None:
 
 
 @interpreted
+def test_fp8_gemm_tma_schedule_on_rows_the_copy_engine_cannot_take() -> None:
+    """Activations as a column slice of a wider tensor whose row stride (264 bytes) is not a multiple of 16: a TMA
+    schedule falls back to the pointer kernel instead of failing on the tensor descriptor."""
+    M, N, K = 24, 200, 256
+    wide, a_s = act_quant_ref(torch.randn(M, K + 8, generator=_gen(17))[:, :K].contiguous())
+    aq = torch.zeros(M, K + 8, dtype=wide.dtype)
+    aq[:, :K] = wide
+    view = aq[:, :K]  # unit stride along K, row stride K + 8
+    q, w_s = weight_quant_ref(torch.randn(N, K, generator=_gen(18)))
+    got = fp8_gemm(view, a_s, q, w_s, torch.float32, config=GemmConfig(16, 64, 4, 3, tma=1, split_k=2))
+    want = _gemm_by_blocks(wide, a_s, q, w_s)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < 1e-6, f"relative error {err:.2e}"
+
+
+@interpreted
 def test_fp8_gemm_split_k_is_deterministic_and_leaves_counters_zero() -> None:
     """Split-K sums its partials in split order whichever program finishes last: two runs agree bit for bit, and
     every tile counter is back at zero for the next call (a counter left elsewhere would make the next call's
