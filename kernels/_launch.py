@@ -59,6 +59,14 @@ def _resolve() -> bool:
     return True
 
 
+def check_signature(fn: Any, args: tuple, constexprs: dict) -> None:
+    """The compiled kernel takes its parameters by position: ``args`` then ``constexprs`` must be exactly the
+    kernel's parameters, in order (a JIT call by keyword would hide a wrong order until the second call)."""
+    names = getattr(fn, "arg_names", None)
+    if names is not None and (len(names) != len(args) + len(constexprs) or list(constexprs) != names[len(args) :]):
+        raise TypeError(f"{len(args)} arguments then constexprs {list(constexprs)} do not match the parameters {names}")
+
+
 def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, static: Any = None, **options: Any) -> None:
     """``fn[grid](*args, **constexprs, **options)``, with the JIT's binding skipped after the first call of each
     specialization. ``args`` are the kernel's runtime parameters in order, ``constexprs`` the rest, also in order
@@ -92,6 +100,7 @@ def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, static
     if kernel is None:
         if len(_CACHE) > 16384:  # keys hold shapes: a long run over many distinct ones starts over (no recompiles)
             _CACHE.clear()
+        check_signature(fn, args, constexprs)
         kernel = fn[grid](*args, **constexprs, **options)
         if hasattr(kernel, "result"):  # an asynchronous compile: its future
             kernel = kernel.result()

@@ -111,3 +111,39 @@ def test_interpreter_disables_the_short_path(monkeypatch: pytest.MonkeyPatch) ->
     fn = Jit()
     _launch.launch(fn, (1,), (3,), {})
     assert fn.log[0][0] == "jit" and "TRITON_INTERPRET" in _launch.disabled_reason()
+
+
+def test_signature_check_catches_a_wrong_order() -> None:
+    class Fn:
+        arg_names = ["x", "n", "BLOCK", "FLAG"]
+
+    _launch.check_signature(Fn(), (1, 2), {"BLOCK": 64, "FLAG": True})
+    for args, const in [((1, 2), {"FLAG": True, "BLOCK": 64}), ((1,), {"BLOCK": 64, "FLAG": True}), ((1, 2), {})]:
+        with pytest.raises(TypeError, match="do not match"):
+            _launch.check_signature(Fn(), args, const)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs fp8_gemm on CPU tensors under the interpreter")
+@pytest.mark.parametrize("tma", [0, 1])
+@pytest.mark.parametrize("split", [1, 2])
+def test_fp8_gemm_calls_match_its_kernels_signatures(monkeypatch: pytest.MonkeyPatch, tma: int, split: int) -> None:
+    """Every launch fp8_gemm makes passes its kernel's parameters in the kernel's order (the short path on the GPU
+    passes them by position). Under the interpreter the launches fall back to the JIT, so they are recorded here and
+    checked against the real Triton kernels' parameter lists."""
+    from dsv3_tools.kernels.act_quant import act_quant_ref
+    from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    seen = []
+    real = _launch.launch
+
+    def record(fn, grid, args, constexprs, static=None, **options):
+        seen.append(fn)
+        _launch.check_signature(fn, args, constexprs)
+        return real(fn, grid, args, constexprs, static, **options)
+
+    monkeypatch.setattr(_launch, "launch", record)
+    aq, a_s = act_quant_ref(torch.randn(16, 256))
+    q, w_s = weight_quant_ref(torch.randn(128, 256))
+    fp8_gemm(aq, a_s, q, w_s, torch.float32, config=GemmConfig(16, 64, 4, 3, tma=tma, tma_store=tma, split_k=split))
+    assert len(seen) == 1 and seen[0].arg_names  # a real kernel, with its parameter list
