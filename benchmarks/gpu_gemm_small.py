@@ -37,11 +37,16 @@ C = GemmConfig
 
 
 def candidates(M: int, N: int, K: int, wide: bool = False) -> list[GemmConfig]:
-    """pick_config's choice, the pointer and TMA kernels unsplit and split; ``wide``: more tiles and splits."""
+    """pick_config's choice, with and without dependent launch, the pointer and TMA kernels unsplit and split, the
+    Gluon kernel's 128 x 64 tiles from M = 65; ``wide``: more tiles and splits."""
     ptr = C(16, 64, 4, 6) if M <= 16 else C(64, 128, 4, 4)
     out = [pick_config(M, N, K), ptr, C(64, 128, 4, 4, 1)]
     out += [ptr._replace(split_k=s) for s in (2, 3)]
     out += [C(64, 128, 4, 4, 1, split_k=s) for s in (2, 3, 4)]
+    pick = pick_config(M, N, K)
+    out.append(pick._replace(pdl=0 if pick.pdl else 2))  # programmatic dependent launch, on or off
+    if M > 64:  # the warp-specialized Gluon kernel with 128 x 64 tiles (the fastest at M = 128 by kernel time)
+        out.append(C(128, 64, 4, 6, 1, persistent=1, gluon=1, pdl=1))
     if wide:
         out += [ptr._replace(split_k=s) for s in (4, 6, 8)]
         out += [C(64, 128, 4, 4, 1, split_k=s) for s in (6, 8)]
@@ -78,6 +83,7 @@ def cold_us(fn, reps: int = 40) -> float:
 
 def host_us(fn, calls: int = 200) -> float:
     """Host microseconds per call, with the GPU held busy so that no call waits for it."""
+    fn()  # a first call may compile (or load) its kernel
     torch.cuda.synchronize()
     torch.cuda._sleep(int(2e9 * 0.2))  # ~0.2 s of GPU time: longer than the calls take to queue
     t = time.perf_counter()
@@ -150,6 +156,7 @@ def profile_host(out: dict) -> None:
         ("torch.empty", lambda: torch.empty((M, N), dtype=torch.bfloat16, device="cuda")),
         ("fp8_gemm (pick)", lambda: fp8_gemm(aq, as_, q, ws)),
         ("cuBLAS bf16", lambda: abf @ wbf.T),
+        ("act_quant (the GEMM's input, bf16 in)", lambda: act_quant(abf)),
     ]:
         print(f"host {what}: {host_us(fn):.1f} us", flush=True)
 

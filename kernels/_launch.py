@@ -9,6 +9,9 @@ per-argument specialization (``native_specialize_impl``: the dtype and 16-byte a
 integer width and divisibility by 16 of each integer, equality to 1, a descriptor's block and layout), the
 constexprs and the compile options. Later calls with the same key launch that kernel at once.
 
+A caller that plans its launches (fp8_gemm) passes its own key (``static``) and the tensors' addresses, so that
+nothing is specialized per call; TMA descriptors are built once per address and geometry (``descriptor``).
+
 Falls back to the JIT's own path wherever this one cannot be exact: under the interpreter, when a launch hook is
 installed (profilers), or on a Triton without these internals; ``disabled_reason()`` says which.
 """
@@ -59,6 +62,37 @@ def _resolve() -> bool:
     return True
 
 
+class Address:
+    """What a tensor descriptor reads from its base tensor (its address and dtype), without holding the tensor."""
+
+    __slots__ = ("ptr", "dtype")
+
+    def __init__(self, ptr: int, dtype: Any) -> None:
+        self.ptr, self.dtype = ptr, dtype
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+_DESCRIPTORS: dict = {}
+
+
+def descriptor(make: Any, ptr: int, dtype: Any, shape: tuple, strides: tuple, block: tuple, *extra: Any) -> Any:
+    """``make(base, shape, strides, block, *extra)`` (a TensorDescriptor class: Triton's or Gluon's) over the
+    tensor at ``ptr``, built once per address, dtype, shape, strides and block: a descriptor costs several
+    microseconds of Python to build and check, and the weights' ones are the same at every call. The base is an
+    ``Address``, so a cached descriptor keeps no tensor alive (the layer-by-layer model frees each layer's weights);
+    a new tensor at a recycled address with the same geometry gets the same, still exact, descriptor. ``extra``
+    (a layout) is keyed by identity: it must live as long as the process (hashing a layout costs microseconds)."""
+    key = (make, ptr, dtype, shape, strides, block, *map(id, extra))
+    d = _DESCRIPTORS.get(key)
+    if d is None:
+        if len(_DESCRIPTORS) > 4096:
+            _DESCRIPTORS.clear()
+        d = _DESCRIPTORS[key] = make(Address(ptr, dtype), list(shape), list(strides), list(block), *extra)
+    return d
+
+
 def check_signature(fn: Any, args: tuple, constexprs: dict) -> None:
     """The compiled kernel takes its parameters by position: ``args`` then ``constexprs`` must be exactly the
     kernel's parameters, in order (a JIT call by keyword would hide a wrong order until the second call)."""
@@ -67,16 +101,25 @@ def check_signature(fn: Any, args: tuple, constexprs: dict) -> None:
         raise TypeError(f"{len(args)} arguments then constexprs {list(constexprs)} do not match the parameters {names}")
 
 
-def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, static: Any = None, **options: Any) -> None:
+def launch(
+    fn: Any,
+    grid: tuple[int, ...],
+    args: tuple,
+    constexprs: dict,
+    static: Any = None,
+    addresses: tuple | None = None,
+    **options: Any,
+) -> None:
     """``fn[grid](*args, **constexprs, **options)``, with the JIT's binding skipped after the first call of each
     specialization. ``args`` are the kernel's runtime parameters in order, ``constexprs`` the rest, also in order
     (the compiled kernel takes every parameter by position).
 
-    ``static``: a hashable value from the caller that fixes everything the specialization depends on except the
-    tensors' 16-byte alignment (the constexprs and options, every integer argument, each tensor's dtype, each
-    descriptor's block) and guarantees that every tensor is in CUDA device memory: then only the alignment of the
-    tensor arguments is looked at, and they are passed as bare addresses (the launcher's own check of each pointer,
-    which would catch a CPU tensor, is skipped), which is cheaper."""
+    ``static`` (with ``addresses``): a hashable value from the caller that fixes everything the specialization
+    depends on (the constexprs and options, every integer argument, each tensor's dtype and 16-byte alignment, each
+    descriptor's block) and guarantees that every tensor is in this GPU's memory; ``addresses`` is ``args`` with
+    each tensor replaced by its ``data_ptr()``, which the caller has read anyway to key its alignment. The launcher
+    then gets the bare addresses, which skips its own ``data_ptr()`` call and pointer query per tensor (the check
+    that would catch a CPU tensor: hence the guarantee)."""
     st = _STATE
     if not _resolve() or _hooked(st["knobs"].launch_enter_hook) or _hooked(st["knobs"].launch_exit_hook):
         fn[grid](*args, **constexprs, **options)
@@ -86,16 +129,9 @@ def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, static
         spec, backend = st["specialize"], st["backend"]
         key = (id(fn), device, tuple(constexprs.values()), tuple(options.items()),
                *[spec(backend, a, False, True, True) for a in args])  # fmt: skip
+        run_args = args
     else:
-        # The tensors go to the launcher as their addresses, read here once for the alignment: it then skips its
-        # own data_ptr() call and pointer query per tensor (the caller has checked the operands' device).
-        tensor, bits, run_args = st["tensor"], [], []
-        for a in args:
-            if isinstance(a, tensor):
-                a = a.data_ptr()
-                bits.append(a % 16 == 0)
-            run_args.append(a)
-        key = (id(fn), device, static, *bits)
+        key, run_args = (id(fn), device, static), addresses
     kernel = _CACHE.get(key)
     if kernel is None:
         if len(_CACHE) > 16384:  # keys hold shapes: a long run over many distinct ones starts over (no recompiles)
@@ -108,4 +144,4 @@ def launch(fn: Any, grid: tuple[int, ...], args: tuple, constexprs: dict, static
         return
     g = (*grid, 1, 1)
     kernel.run(g[0], g[1], g[2], st["get_stream"](device), kernel.function, kernel.packed_metadata, None, None, None,
-               *(args if static is None else run_args), *constexprs.values())  # fmt: skip
+               *run_args, *constexprs.values())  # fmt: skip

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from . import _launch
 from .weight_quant import AMAX_FLOOR, FP8_MAX, pow2_ceil
 
 
@@ -109,5 +110,6 @@ def act_quant(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
     if M:
         rows = 8
         grid = (triton_cdiv(M, rows), G)
-        _kernel[grid](x2, y, s, M, K, G, x2.stride(0), ROWS=rows, BLOCK=block, UE8M0=scale_fmt == "ue8m0", num_warps=4)
+        const = dict(ROWS=rows, BLOCK=block, UE8M0=scale_fmt == "ue8m0")
+        _launch.launch(_kernel, grid, (x2, y, s, M, K, G, x2.stride(0)), const, num_warps=4)
     return y.reshape(*lead, K), s.reshape(*lead, G)

@@ -56,6 +56,7 @@ class GemmConfig(NamedTuple):
     maxnreg: int = 0  # > 0: cap the registers per thread (168 lets three 4-warp CTAs share an SM)
     gluon: int = 0  # Hopper: the warp-specialized Gluon kernel (fp8_gemm_ws.py): block_m rows in two warpgroups
     split_k: int = 1  # > 1: that many programs per output tile, each over a share of K, summed in a fixed order
+    pdl: int = 0  # Hopper: programmatic dependent launch (1: let the next kernel launch at once, 2: after the K loop)
 
 
 # Tile configurations, chosen per problem by ``pick_config``; benchmarks/gpu_kernels.py sweeps them all and
@@ -101,12 +102,12 @@ def pick_config(M: int, N: int, K: int, sms: int = 132) -> GemmConfig:
         tiles = -(-M // 64) * -(-N // 128)
         if tiles < sms and KB >= 32:  # 64 x 128 tiles short of one per SM, and K deep enough to share
             return GemmConfig(64, 128, 4, 4, 1, split_k=min(2 * sms // tiles, KB // 16, 4))
-        return GemmConfig(64, 128, 4, 4)  # the pointer kernel: the cheapest launch, and the GPU is filled
+        return GemmConfig(64, 128, 4, 4, pdl=2)  # the pointer kernel: the cheapest launch, and the GPU is filled
     cfg = GemmConfig(16, 64, 4, 6) if M <= 16 else GemmConfig(32, 64, 4, 6) if M <= 32 else GemmConfig(64, 64, 4, 5)
     tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
     if 2 * tiles <= sms:
         return cfg._replace(split_k=max(1, min(2 * sms // tiles, KB // 7, 8)))
-    return cfg
+    return cfg._replace(pdl=2)
 
 
 def _check_device(t: torch.Tensor) -> None:
@@ -120,9 +121,24 @@ _kernel = None
 
 def _build():
     # The two helpers become module globals: Triton resolves a kernel's callees through its module's globals.
-    global _tile_coords, _scaled, _store_tile, _work_item
+    global _tile_coords, _scaled, _store_tile, _work_item, _pdl_wait, _pdl_trigger
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _pdl_wait(PDL):  # PDL: a constexpr from the caller
+        # Programmatic dependent launch: the kernel may start while the previous one in the stream finishes; nothing
+        # global is read or written before the previous kernel has completed and its writes are visible.
+        if PDL:
+            gdc_wait()
+            if PDL == 1:  # the next kernel may launch now (its programs wait in _pdl_wait for this one to end)
+                gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_trigger(PDL):
+        if PDL == 2:  # the next kernel may launch once every program is past its K loop
+            gdc_launch_dependents()
 
     @triton.jit
     def _tile_coords(tile, num_m, num_n, GROUP_M):  # GROUP_M: a constexpr from the caller
@@ -197,6 +213,7 @@ def _build():
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks on the K loads
         ROW_SCALE: tl.constexpr,  # SB_N % BLOCK_N == 0: one weight scale per K step for the whole tile
         SPLIT_K: tl.constexpr,  # programs per tile, each summing an equal share of the K blocks (split-K)
+        PDL: tl.constexpr,  # programmatic dependent launch (GemmConfig.pdl); 0 under the interpreter
     ):
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -214,6 +231,7 @@ def _build():
         a_s_ptrs = a_s_ptr + rows_a * KB
         b_s_ptrs = (b_s_ptr + (pid_n * BLOCK_N // SB_N) * KB) if ROW_SCALE else (b_s_ptr + (rows_b // SB_N) * KB)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        _pdl_wait(PDL)
         for kb in range(kb_lo, kb_hi):
             if EVEN_K:
                 a = tl.load(a_ptrs)
@@ -224,6 +242,7 @@ def _build():
             acc += _scaled(tl.dot(a, tl.trans(b)), tl.load(a_s_ptrs + kb), tl.load(b_s_ptrs + kb), ROW_SCALE)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+        _pdl_trigger(PDL)
         _store_tile(c_ptr, ws_ptr, cnt_ptr, acc, tile, split, offs_m, offs_n, M, N, stride_cm, SPLIT_K)
 
     @triton.jit
@@ -249,12 +268,14 @@ def _build():
         PREFETCH: tl.constexpr,  # load the next K step's scales one iteration ahead
         TMA_STORE: tl.constexpr,  # only with SPLIT_K == 1
         SPLIT_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         # The same product as fp8_gemm_kernel, with tiles brought in by the bulk tensor copy engine (TMA), which
         # also zero-fills ragged edges, so no masks or clamped addresses are needed. With as many programs as
         # tiles each program does one tile; a persistent grid (a few programs per SM) loops over them.
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
+        _pdl_wait(PDL)
         for item in tl.range(tl.program_id(0), num_m * num_n * SPLIT_K, num_programs):  # (split, tile) pairs
             tile, split, kb_lo, kb_hi = _work_item(item, num_m * num_n, KB, SPLIT_K)
             pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
@@ -279,6 +300,7 @@ def _build():
                     sa = tl.load(a_s_ptrs + kb)
                     sb = tl.load(b_s_ptrs + kb)
                 acc += _scaled(tl.dot(a, tl.trans(b)), sa, sb, ROW_SCALE)
+            _pdl_trigger(PDL)
             if TMA_STORE:
                 c.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(c.dtype))
             else:
@@ -302,8 +324,13 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[idx]
 
 
-def _split_buffers(n: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A split-K launch's f32 workspace (at least ``n`` elements) and its tile counters, kept per stream: launches
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def _split_buffers(n: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """A split-K launch's f32 workspace (at least ``n`` elements) and its tile counters, then their addresses (both
+    allocations start 256-byte aligned), kept per stream: launches
     on one stream run one after another, each leaves every counter at zero, and the workspace is only read by the
     launch that wrote it. (So a CUDA graph captured with split-K must not be replayed concurrently with split-K
     calls on its capture stream.)"""
@@ -312,12 +339,12 @@ def _split_buffers(n: int, tiles: int, device: torch.device) -> tuple[torch.Tens
         key = (idx, torch._C._cuda_getCurrentRawStream(idx))
     else:
         key = (device, 0)
-    ws, cnt = _SPLIT.get(key, (None, None))
+    ws, cnt, pws, pcnt = _SPLIT.get(key, (None, None, 0, 0))
     if ws is None or ws.numel() < n or cnt.numel() < tiles:
         ws = torch.empty(max(n, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
         cnt = torch.zeros(max(tiles, 1024, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
-        _SPLIT[key] = ws, cnt
-    return ws, cnt
+        _SPLIT[key] = ws, cnt, ws.data_ptr(), cnt.data_ptr()
+    return _SPLIT[key]
 
 
 def fp8_gemm(
@@ -372,6 +399,7 @@ class _Plan(NamedTuple):
     tma_store: bool
     const: dict
     opts: dict
+    pdl: int = 0  # programmatic dependent launch (GemmConfig.pdl), where the GPU has it
 
 
 _PLANS: dict = {}
@@ -385,7 +413,7 @@ def _plan(M: int, N: int, K: int, KB: int, sb_n: int, c_size: int, aligned: bool
 
         if aligned and sb_n % cfg.block_n == 0 and (N * c_size) % 16 == 0 and fp8_gemm_ws.available(device):
             programs = min(-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.persistent * sms)
-            return _Plan(2, cfg, programs, 1, 0, False, {}, {})
+            return _Plan(2, cfg, programs, 1, 0, False, {}, {}, cfg.pdl)  # Gluon: Hopper
         cfg = LONG_K if K >= 4096 else SHORT_K  # no Hopper Gluon here: the Triton kernel's schedule
     bm, bn = cfg.block_m, cfg.block_n
     tiles = -(-M // bm) * -(-N // bn)
@@ -394,48 +422,68 @@ def _plan(M: int, N: int, K: int, KB: int, sb_n: int, c_size: int, aligned: bool
         split = 1
     const = dict(SB_N=sb_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m)
     opts = dict(num_warps=cfg.warps, num_stages=cfg.stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
+    pdl = cfg.pdl if cfg.pdl and _capability(device) >= (9, 0) else 0  # Hopper on; the interpreter has no device
+    if pdl:
+        opts["launch_pdl"] = True
     row_scale = sb_n % bn == 0
     if cfg.tma and aligned:
         tma_store = bool(cfg.tma_store) and split == 1 and (N * c_size) % 16 == 0
         programs = min(tiles * split, cfg.persistent * sms) if cfg.persistent else tiles * split
-        const.update(ROW_SCALE=row_scale, PREFETCH=bool(cfg.prefetch), TMA_STORE=tma_store, SPLIT_K=split)
-        return _Plan(1, cfg, programs, split, tiles, tma_store, const, opts)
-    const.update(GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale, SPLIT_K=split)
-    return _Plan(0, cfg, tiles * split, split, tiles, False, const, opts)
+        const.update(ROW_SCALE=row_scale, PREFETCH=bool(cfg.prefetch), TMA_STORE=tma_store, SPLIT_K=split, PDL=pdl)
+        return _Plan(1, cfg, programs, split, tiles, tma_store, const, opts, pdl)
+    const.update(GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale, SPLIT_K=split, PDL=pdl)
+    return _Plan(0, cfg, tiles * split, split, tiles, False, const, opts, pdl)
 
 
 def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
-    # The copy engine (TMA, Gluon) needs 16-byte aligned bases and rows (FP8: K and the row strides multiples of 16).
     sa, sb = a2.stride(0), b.stride(0)
-    aligned = (K | sa | sb) % 16 == 0 and a2.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    pa, pb, pc, pas, pbs = a2.data_ptr(), b.data_ptr(), c.data_ptr(), a_s2.data_ptr(), b_s.data_ptr()
+    # Triton specializes each pointer on its 16-byte alignment; the copy engine (TMA, Gluon) needs it too.
+    align = (pa % 16 == 0, pb % 16 == 0, pc % 16 == 0, pas % 16 == 0, pbs % 16 == 0)
     devices = (a2.get_device(), b.get_device(), a_s2.get_device(), b_s.get_device())
-    key = (M, N, K, sb_n, sa, sb, c.dtype, a2.dtype, b.dtype, a_s2.dtype, b_s.dtype, aligned, devices, config)
+    key = (M, N, K, sb_n, sa, sb, c.dtype, a2.dtype, b.dtype, a_s2.dtype, b_s.dtype, align, devices, config)
     plan = _PLANS.get(key)
     if plan is None:
         if devices.count(devices[0]) != 4:  # the launch passes bare addresses: they must all be this GPU's
             raise ValueError(f"fp8_gemm: operands on different devices: a, b, a_s, b_s on {devices} (-1: CPU)")
         if len(_PLANS) > 4096:
             _PLANS.clear()
+        aligned = (K | sa | sb) % 16 == 0 and align[0] and align[1]  # the copy engine's rows and bases
         plan = _PLANS[key] = _plan(M, N, K, KB, sb_n, c.element_size(), aligned, a2.device, config)
+    # From here the plan's key fixes every argument's specialization, alignment included, and that all operands
+    # are on one device: the launch passes the tensors' addresses (_launch.launch's ``static``).
     cfg = plan.cfg
     if plan.kind == 2:
         from . import fp8_gemm_ws
 
         fp8_gemm_ws.launch(
-            a2, b, c, a_s2, b_s, M, N, KB, sb_n, plan.programs, cfg.block_m, cfg.block_n, cfg.stages, cfg.group_m
-        )
+            a2, b, c, a_s2, b_s, M, N, K, KB, sb_n, plan.programs, cfg.block_m, cfg.block_n, cfg.stages,
+            cfg.group_m, pdl=plan.pdl, static=key, ptrs=(pa, pb, pc, pas, pbs),
+        )  # fmt: skip
         return
-    ws, cnt = (c, c) if plan.split == 1 else _split_buffers(plan.split * M * N, plan.tiles, a2.device)
+    if plan.split == 1:
+        ws, cnt, pws, pcnt = c, c, pc, pc
+    else:
+        ws, cnt, pws, pcnt = _split_buffers(plan.split * M * N, plan.tiles, a2.device)
     if plan.kind == 1:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         bm, bn = cfg.block_m, cfg.block_n
-        a_desc = TensorDescriptor(a2, [M, K], [sa, 1], [bm, BLOCK_K])
-        b_desc = TensorDescriptor(b, [N, K], [sb, 1], [bn, BLOCK_K])
-        c_arg = TensorDescriptor(c, [M, N], [N, 1], [bm, bn]) if plan.tma_store else c
+        if c.is_cuda:  # on the GPU, descriptors over addresses, built once each (_launch.descriptor)
+            a_desc = _launch.descriptor(TensorDescriptor, pa, a2.dtype, (M, K), (sa, 1), (bm, BLOCK_K))
+            b_desc = _launch.descriptor(TensorDescriptor, pb, b.dtype, (N, K), (sb, 1), (bn, BLOCK_K))
+            if plan.tma_store:
+                c_arg = _launch.descriptor(TensorDescriptor, pc, c.dtype, (M, N), (N, 1), (bm, bn))
+        else:  # the interpreter reads the tensors through the descriptors
+            a_desc = TensorDescriptor(a2, [M, K], [sa, 1], [bm, BLOCK_K])
+            b_desc = TensorDescriptor(b, [N, K], [sb, 1], [bn, BLOCK_K])
+            if plan.tma_store:
+                c_arg = TensorDescriptor(c, [M, N], [N, 1], [bm, bn])
+        if not plan.tma_store:
+            c_arg = c
         args = (a_desc, b_desc, c_arg, ws, cnt, a_s2, b_s, M, N, N, KB, plan.programs)
+        addresses = (a_desc, b_desc, c_arg if plan.tma_store else pc, pws, pcnt, pas, pbs, *args[7:])
     else:
         args = (a2, b, c, ws, cnt, a_s2, b_s, M, N, K, sa, sb, N, KB)
-    # The plan's key fixes every argument's specialization but the tensors' alignment (_launch adds that), and
-    # that all operands are on one device.
-    _launch.launch(_kernel[plan.kind], (plan.programs,), args, plan.const, static=key, **plan.opts)
+        addresses = (pa, pb, pc, pws, pcnt, pas, pbs, M, N, K, sa, sb, N, KB)
+    _launch.launch(_kernel[plan.kind], (plan.programs,), args, plan.const, key, addresses, **plan.opts)

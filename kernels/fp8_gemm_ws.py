@@ -146,6 +146,7 @@ def _build():
         STAGES: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
+        PDL: gl.constexpr,  # programmatic dependent launch: wait for the previous kernel, let the next one launch
     ):
         HALF: gl.constexpr = BLOCK_M // 2
         a0_ring = gl.allocate_shared_memory(a_desc.dtype, [STAGES, HALF, BLOCK_K], a_desc.layout)
@@ -159,6 +160,11 @@ def _build():
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
         fence_async_shared()
+        if PDL:  # the set-up above overlaps the previous kernel's end; no global memory is touched before this
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+            gl.inline_asm_elementwise(
+                "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
+            )
         gl.warp_specialize(
             [
                 (_consumer, (c_desc, c0_smem, a0_ring, b_ring, ready, empty, a_s_ptr, b_s_ptr, M, N, KB, num_programs,
@@ -189,7 +195,7 @@ def available(device: torch.device) -> bool:
     return _kernel is not None
 
 
-_LAYOUTS: dict = {}  # (block shape, torch dtype) -> NVMMASharedLayout: building one costs several microseconds
+_LAYOUTS: dict = {}  # (block shape, torch dtype) -> NVMMASharedLayout, kept for the process (_launch.descriptor)
 
 
 def build_error() -> str | None:
@@ -197,31 +203,40 @@ def build_error() -> str | None:
     return _error
 
 
-def _descriptor(t: torch.Tensor, block: list[int]):
+def _descriptor(ptr: int, dtype: torch.dtype, shape: tuple, row_stride: int, block: tuple[int, int]):
+    """A Gluon tensor descriptor over the 2-D tensor at ``ptr`` (unit stride along its rows), built once
+    (_launch.descriptor)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    key = (*block, t.dtype)
+    key = (*block, dtype)
     layout = _LAYOUTS.get(key)
     if layout is None:
         gl_dtype = {
             torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32,
             torch.float16: gl.float16,
-        }[t.dtype]  # fmt: skip
-        layout = _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
-    return TensorDescriptor.from_tensor(t, block, layout)
+        }[dtype]  # fmt: skip
+        layout = _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+    return _launch.descriptor(TensorDescriptor, ptr, dtype, shape, (row_stride, 1), block, layout)
 
 
-def launch(a2, b, c, a_s2, b_s, M, N, KB, sb_n, programs, block_m=128, block_n=128, stages=6, group_m=8,
-           producer_regs=40, consumer_regs=232) -> None:  # fmt: skip
+def launch(a2, b, c, a_s2, b_s, M, N, K, KB, sb_n, programs, block_m=128, block_n=128, stages=6, group_m=8,
+           producer_regs=40, consumer_regs=232, pdl=0, static=None, ptrs=None) -> None:  # fmt: skip
     """Run the kernel on prepared operands (``fp8_gemm`` checks shapes, strides and alignment: 16-byte aligned
-    rows and bases, one weight scale per tile and K step)."""
+    rows and bases, one weight scale per tile and K step). ``pdl``: programmatic dependent launch (Hopper).
+    ``ptrs``: the five tensors' ``data_ptr()`` if the caller has them; ``static``: as in ``_launch.launch``."""
     if c.element_size() > 2:  # an f32 output tile takes twice the shared memory: fewer ring slots
         stages = min(stages, 4)
-    args = (
-        _descriptor(a2, [block_m // 2, 128]), _descriptor(b, [block_n, 128]), _descriptor(c, [block_m // 2, block_n]),
-        a_s2, b_s, M, N, KB, programs,
-    )  # fmt: skip
+    pa, pb, pc, pas, pbs = ptrs or (a2.data_ptr(), b.data_ptr(), c.data_ptr(), a_s2.data_ptr(), b_s.data_ptr())
+    descs = (
+        _descriptor(pa, a2.dtype, (M, K), a2.stride(0), (block_m // 2, 128)),
+        _descriptor(pb, b.dtype, (N, K), b.stride(0), (block_n, 128)),
+        _descriptor(pc, c.dtype, (M, N), N, (block_m // 2, block_n)),
+    )
+    args = (*descs, a_s2, b_s, M, N, KB, programs)
     const = dict(SB_N=sb_n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=group_m, STAGES=stages,
-                 PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs)  # fmt: skip
-    _launch.launch(_kernel, (programs,), args, const, num_warps=4)
+                 PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, PDL=bool(pdl))  # fmt: skip
+    addresses = None if static is None else (*descs, pas, pbs, *args[5:])
+    _launch.launch(
+        _kernel, (programs,), args, const, static, addresses, num_warps=4, **({"launch_pdl": True} if pdl else {})
+    )

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from . import _launch
+
 
 def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """Dequantize a 2-D F8_E4M3 weight with its F32 block scales to BF16 (plain torch)."""
@@ -97,7 +99,6 @@ def weight_dequant(
         while b0 % tm:  # a block height that is not a multiple of the tile: fall back to smaller powers of two
             tm //= 2
         grid = (-(-M // tm), -(-N // tn))
-        _kernel[grid](
-            w, s, y, M, N, s.shape[1], B0=b0, B1=b1, TILE_M=tm, TILE_N=tn, WIDE=M * N >= 2**31, num_warps=warps
-        )
+        const = dict(B0=b0, B1=b1, TILE_M=tm, TILE_N=tn, WIDE=M * N >= 2**31)
+        _launch.launch(_kernel, grid, (w, s, y, M, N, s.shape[1]), const, num_warps=warps)
     return y

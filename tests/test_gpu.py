@@ -109,18 +109,62 @@ def test_fp8_gemm_split_k_is_deterministic(tma: int) -> None:
         again = fp8_gemm(aq, as_, q, ws, torch.float32, config=cfg)
         assert torch.equal(again, first), f"call {i}: {(again != first).sum().item()} elements differ"
     torch.cuda.synchronize()
-    assert mod._SPLIT and all(int(cnt.abs().sum()) == 0 for _work, cnt in mod._SPLIT.values())
+    assert mod._SPLIT and all(int(entry[1].abs().sum()) == 0 for entry in mod._SPLIT.values())
     want = fp8_gemm_ref(aq, as_, q, ws, torch.float32)
     err = ((first - want).norm() / want.norm()).item()
     assert err < 1e-3, f"relative error {err:.3e}"
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        (64, 128, 4, 4, 0, 0, 0, 0, 8, 0, 0, 1, 1),  # pointer kernel, the next kernel may launch at once
+        (64, 128, 4, 4, 0, 0, 0, 0, 8, 0, 0, 1, 2),  # ... after the K loop
+        (64, 128, 4, 4, 0, 0, 0, 0, 8, 0, 0, 4, 1),  # split-K: the workspace and counters are shared by the calls
+        (64, 128, 4, 3, 1, 0, 0, 0, 8, 0, 0, 1, 1),  # TMA kernel
+        (64, 64, 4, 5, 1, 0, 0, 0, 8, 0, 0, 4, 2),  # TMA kernel, split-K
+        (128, 64, 4, 6, 1, 1, 0, 0, 8, 0, 1, 1, 1),  # Gluon kernel
+    ],
+)
+def test_fp8_gemm_dependent_launch_waits_for_the_previous_kernel(cfg: tuple) -> None:
+    """With programmatic dependent launch a kernel starts while the previous one in the stream still runs: it must
+    read nothing before that one has finished. Here each call's activation scales are the previous call's output
+    (N = K / 128, f32), so every call reads what the call just before wrote; 6 chained calls, then each is redone
+    from its settled inputs and must give the same bits (a read before the wait sees stale memory), and the chain
+    is checked against fp8_gemm_ref."""
+    from dsv3_tools.kernels import fp8_gemm_ws
+    from dsv3_tools.kernels.act_quant import act_quant_ref
+    from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_ref
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    cfg = GemmConfig(*cfg)
+    if cfg.gluon and not fp8_gemm_ws.available(torch.device("cuda")):
+        pytest.skip("no Hopper Gluon here")
+    M, K = 256, 4096
+    N = K // 128
+    aq, as0 = act_quant_ref(torch.randn(M, K, device="cuda"))
+    q, ws = weight_quant_ref(torch.randn(N, K, device="cuda") * 1e-3)
+    scales, outs = [as0], []
+    for _ in range(6):
+        outs.append(fp8_gemm(aq, scales[-1], q, ws, torch.float32, config=cfg))
+        scales.append(outs[-1])  # [M, N] = [M, KB]: the next call's activation scales
+    torch.cuda.synchronize()
+    for i, got in enumerate(outs):
+        again = fp8_gemm(aq, scales[i], q, ws, torch.float32, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.equal(got, again), f"call {i}: {_first_diff(got, again)}"
+        want = fp8_gemm_ref(aq, scales[i], q, ws, torch.float32)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-3 and want.norm() > 0, f"call {i}: relative error {err:.3e}"
 
 
 def test_launches_take_the_short_path() -> None:
     """After a kernel's first call, later calls skip the JIT's argument binding (kernels/_launch.py): with a Triton
     whose internals moved, the kernels would still run, but at several times the host cost per call."""
     from dsv3_tools.kernels import _launch
-    from dsv3_tools.kernels.act_quant import act_quant_ref
+    from dsv3_tools.kernels.act_quant import act_quant, act_quant_ref
     from dsv3_tools.kernels.fp8_gemm import fp8_gemm
+    from dsv3_tools.kernels.weight_dequant import weight_dequant, weight_dequant_ref
     from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
     aq, as_ = act_quant_ref(torch.randn(16, 256, device="cuda"))
@@ -128,6 +172,16 @@ def test_launches_take_the_short_path() -> None:
     first = fp8_gemm(aq, as_, q, ws, torch.float32)
     assert _launch.disabled_reason() is None and _launch._CACHE
     assert torch.equal(fp8_gemm(aq, as_, q, ws, torch.float32), first)
+    x = torch.randn(40, 700, device="cuda")  # a shape of their own: the first call compiles, the next two do not
+    want_q, want_s = act_quant_ref(x)
+    for _ in range(3):
+        got_q, got_s = act_quant(x)
+        assert torch.equal(got_s, want_s) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+        got = weight_dequant(q[:, :200], ws[:, :2].contiguous())
+        assert torch.equal(got.view(torch.int16), weight_dequant_ref(q[:, :200], ws[:, :2]).view(torch.int16))
+    before = len(_launch._CACHE)
+    act_quant(x)
+    assert len(_launch._CACHE) == before  # the same specialization: no new compile
 
 
 @pytest.mark.parametrize("M", [128, 1024])

@@ -230,7 +230,7 @@ def test_fp8_gemm_split_k_is_deterministic_and_leaves_counters_zero() -> None:
     q, w_s = weight_quant_ref(torch.randn(N, K, generator=_gen(14)))
     cfg = GemmConfig(16, 64, 4, 3, split_k=3)
     first = fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg)
-    counters = [cnt for (dev, _), (_work, cnt) in mod._SPLIT.items() if dev == aq.device]
+    counters = [entry[1] for (dev, _), entry in mod._SPLIT.items() if dev == aq.device]
     assert counters and all(int(t.abs().sum()) == 0 for t in counters)
     assert torch.equal(first, fp8_gemm(aq, a_s, q, w_s, torch.float32, config=cfg))
     want = _gemm_by_blocks(aq, a_s, q, w_s)

@@ -84,13 +84,14 @@ def test_a_new_specialization_goes_back_to_the_jit(fake_triton: dict) -> None:
     assert [e[0] for e in fn.log[-2:]] == ["jit", "jit"]
 
 
-def test_static_key_passes_addresses_and_still_keys_on_alignment(fake_triton: dict) -> None:
+def test_static_key_passes_the_callers_addresses(fake_triton: dict) -> None:
     fn, (t, odd) = Jit(), _views()
-    for args in [(t, 9), (t, 9), (odd, 9), (odd, 9)]:
-        _launch.launch(fn, (2,), args, {"B": 1}, static=("plan", 1))
+    calls = [((t, 9), ("plan", 1)), ((t, 9), ("plan", 1)), ((odd, 9), ("plan", 0)), ((odd, 9), ("plan", 0))]
+    for args, static in calls:  # the caller's key fixes the alignment: here ("plan", 0) for the unaligned view
+        _launch.launch(fn, (2,), args, {"B": 1}, static, (args[0].data_ptr(), 9))
     assert [e[0] for e in fn.log] == ["jit", "run", "jit", "run"]
     assert fn.log[0][2] == (t, 9)  # the JIT gets the tensor (it specializes on its dtype)
-    assert fn.log[1][3] == (t.data_ptr(), 9, 1)  # the launcher gets its address
+    assert fn.log[1][3] == (t.data_ptr(), 9, 1)  # the launcher gets the address
     assert fn.log[3][3] == (odd.data_ptr(), 9, 1)
 
 
@@ -137,13 +138,66 @@ def test_fp8_gemm_calls_match_its_kernels_signatures(monkeypatch: pytest.MonkeyP
     seen = []
     real = _launch.launch
 
-    def record(fn, grid, args, constexprs, static=None, **options):
+    def record(fn, grid, args, constexprs, static=None, addresses=None, **options):
         seen.append(fn)
         _launch.check_signature(fn, args, constexprs)
-        return real(fn, grid, args, constexprs, static, **options)
+        # the addresses the short path would pass: each tensor's data_ptr() in its place, everything else as is
+        assert addresses is not None and len(addresses) == len(args)
+        for i, (a, x) in enumerate(zip(args, addresses)):
+            assert x == a.data_ptr() if isinstance(a, torch.Tensor) else x is a, f"argument {i}: {x!r} for {a!r}"
+        return real(fn, grid, args, constexprs, static, addresses, **options)
 
     monkeypatch.setattr(_launch, "launch", record)
     aq, a_s = act_quant_ref(torch.randn(16, 256))
     q, w_s = weight_quant_ref(torch.randn(128, 256))
     fp8_gemm(aq, a_s, q, w_s, torch.float32, config=GemmConfig(16, 64, 4, 3, tma=tma, tma_store=tma, split_k=split))
     assert len(seen) == 1 and seen[0].arg_names  # a real kernel, with its parameter list
+
+
+def test_descriptors_are_built_once_per_geometry_and_hold_no_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import weakref
+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    monkeypatch.setattr(_launch, "_DESCRIPTORS", {})
+    t = torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
+    alive = weakref.ref(t)
+    ptr = t.data_ptr()
+    d = _launch.descriptor(TensorDescriptor, ptr, t.dtype, (64, 256), (256, 1), (32, 128))
+    assert d is _launch.descriptor(TensorDescriptor, ptr, t.dtype, (64, 256), (256, 1), (32, 128))
+    assert (d.base.data_ptr(), d.shape, d.strides, d.block_shape) == (ptr, [64, 256], [256, 1], [32, 128])
+    others = [
+        _launch.descriptor(TensorDescriptor, ptr + 256, t.dtype, (64, 256), (256, 1), (32, 128)),
+        _launch.descriptor(TensorDescriptor, ptr, t.dtype, (32, 256), (256, 1), (32, 128)),
+        _launch.descriptor(TensorDescriptor, ptr, t.dtype, (64, 256), (256, 1), (64, 128)),
+        _launch.descriptor(TensorDescriptor, ptr, torch.bfloat16, (64, 128), (128, 1), (32, 64)),
+    ]
+    assert all(o is not d for o in others) and len({id(o) for o in others}) == 4
+    del t
+    gc.collect()
+    assert alive() is None  # the cache holds addresses, not tensors
+    with pytest.raises(AssertionError):  # Triton's own checks still run on the address: 16-byte alignment
+        _launch.descriptor(TensorDescriptor, ptr + 1, torch.float8_e4m3fn, (64, 256), (256, 1), (32, 128))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
+def test_act_quant_and_weight_dequant_calls_match_their_kernels_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for fp8_gemm: the launches of act_quant and weight_dequant pass their kernels' parameters in order."""
+    from dsv3_tools.kernels.act_quant import act_quant
+    from dsv3_tools.kernels.weight_dequant import weight_dequant
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    seen = []
+    real = _launch.launch
+
+    def record(fn, grid, args, constexprs, static=None, addresses=None, **options):
+        seen.append(fn)
+        _launch.check_signature(fn, args, constexprs)
+        return real(fn, grid, args, constexprs, static, addresses, **options)
+
+    monkeypatch.setattr(_launch, "launch", record)
+    act_quant(torch.randn(3, 256))
+    q, s = weight_quant_ref(torch.randn(130, 200))
+    weight_dequant(q, s, out_dtype=torch.float32)
+    assert len(seen) == 2 and all(fn.arg_names for fn in seen)
