@@ -66,8 +66,9 @@ class GemmConfig(NamedTuple):
 # three pipeline stages = 72 KB of shared memory each, persistent) win where K is short; where K is long, two
 # (188 registers) with the scales prefetched and the output written by TMA. On Hopper, with Gluon, WS_128 beats
 # both (fp8_gemm_ws.py: 128-row tiles shared by two independent warpgroups fed by a producer warp). Below
-# M = 1024 (benchmarks/gpu_gemm_small.py) the pointer kernel, cheapest to launch, where its tiles fill the GPU;
-# where they do not, TMA tiles split along K (``split_k``).
+# M = 1024 (benchmarks/gpu_gemm_small.py) the pointer kernel, cheapest to launch, where its tiles fill the GPU,
+# with programmatic dependent launch (``pdl=2``: its launch overlaps the previous kernel's end); where they do not,
+# TMA tiles split along K (``split_k``; there dependent launch measured mixed, so it stays off).
 SHORT_K = GemmConfig(64, 128, 4, 3, 1, persistent=3, maxnreg=168)
 LONG_K = GemmConfig(64, 128, 4, 3, 1, persistent=2, prefetch=1, tma_store=1, group_m=32)
 WS_128 = GemmConfig(128, 128, 4, 6, 1, persistent=1, gluon=1)
