@@ -257,3 +257,61 @@ def test_fp8_gemm_gluon_schedule_falls_back_to_triton(K: int) -> None:
     want = _gemm_by_blocks(aq, a_s, q, w_s)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < 1e-6, f"relative error {err:.2e}"
+
+
+_PDL_PTX_CHECK = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsv3_tools.kernels import fp8_gemm as mod
+
+fn_ptr, fn_tma = mod._build()
+memory = re.compile(r"^\s*(@%p\d+\s+)?(ld|st|atom|red|cp\.async|prefetch)\.(?!param|shared|local|const)")
+out = {}
+for kind, split, pdl in [("ptr", 1, 2), ("ptr", 2, 1), ("tma", 1, 1), ("tma", 2, 2)]:
+    fn = fn_tma if kind == "tma" else fn_ptr
+    ptrs = dict(ws_ptr="*fp32", cnt_ptr="*i32", a_s_ptr="*fp32", b_s_ptr="*fp32")
+    if kind == "ptr":
+        sig = dict(a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", c_ptr="*bf16", **ptrs)
+        sig.update({n: "i32" for n in ("M", "N", "K", "stride_am", "stride_bn", "stride_cm", "KB")})
+        const = dict(SB_N=128, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EVEN_K=True, ROW_SCALE=True)
+    else:
+        sig = dict(a_desc="tensordesc<fp8e4nv[64, 128]>", b_desc="tensordesc<fp8e4nv[128, 128]>", c="*bf16", **ptrs)
+        sig.update({n: "i32" for n in ("M", "N", "stride_cm", "KB", "num_programs")})
+        const = dict(SB_N=128, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, ROW_SCALE=True, PREFETCH=False,
+                     TMA_STORE=False)
+    const.update(SPLIT_K=split, PDL=pdl)
+    sig.update({n: "constexpr" for n in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3)).asm["ptx"]
+    body = ptx[ptx.index(".entry"):].splitlines()
+    wait = [i for i, line in enumerate(body) if "griddepcontrol.wait" in line]
+    early = [] if not wait else [
+        line.strip() for line in body[: wait[0]] if memory.match(line) or re.match(r"^\$L__BB\w*:", line.strip())
+    ]
+    later = 0 if not wait else sum(1 for line in body[wait[0]:] if memory.match(line))
+    out[f"{kind} split {split} pdl {pdl}"] = dict(wait=len(wait), early=early[:3], later=later)
+print(json.dumps(out))
+"""
+
+
+def test_dependent_launch_waits_before_any_global_access() -> None:
+    """With programmatic dependent launch (GemmConfig.pdl) a kernel may start before the previous one has finished:
+    no global load, store or atomic may come before its ``griddepcontrol.wait``. The kernels are compiled for Hopper
+    (sm_90) without a GPU (in a subprocess: this one runs Triton's interpreter); in the PTX the wait must sit in the
+    entry block (before any label) ahead of every global memory access, so that it runs first on every path.
+    (tests/test_gpu.py checks the same on a GPU by chaining calls that read each other's output.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PDL_PTX_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for variant, r in json.loads(run.stdout.splitlines()[-1]).items():
+        assert r["wait"] == 1, f"{variant}: {r['wait']} griddepcontrol.wait instructions"
+        assert not r["early"], f"{variant}: before griddepcontrol.wait: {r['early']}"
+        assert r["later"] > 0, f"{variant}: no global access found at all (the pattern is stale)"
