@@ -100,9 +100,11 @@ def act_quant(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
     if _kernel is None:
         _kernel = _build()
     *lead, K = x.shape
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
+    x2 = x if len(lead) == 1 else x.reshape(-1, K)
+    sx = x2.stride()
+    if sx[1] != 1:
         x2 = x2.contiguous()
+        sx = x2.stride()
     M = x2.shape[0]
     G = -(-K // block)
     y = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
@@ -111,5 +113,13 @@ def act_quant(x: torch.Tensor, block: int = 128, scale_fmt: str | None = None) -
         rows = 8
         grid = (triton_cdiv(M, rows), G)
         const = dict(ROWS=rows, BLOCK=block, UE8M0=scale_fmt == "ue8m0")
-        _launch.launch(_kernel, grid, (x2, y, s, M, K, G, x2.stride(0)), const, num_warps=4)
+        args = (x2, y, s, M, K, G, sx[0])
+        if x2.is_cuda:  # on the GPU: a key of its own and the addresses, as fp8_gemm does (_launch.launch)
+            px, py, ps = x2.data_ptr(), y.data_ptr(), s.data_ptr()
+            static = (M, K, G, sx[0], x2.dtype, block, scale_fmt, px % 16 == 0, py % 16 == 0, ps % 16 == 0)
+            _launch.launch(_kernel, grid, args, const, static, (px, py, ps, M, K, G, sx[0]), num_warps=4)
+        else:
+            _launch.launch(_kernel, grid, args, const, num_warps=4)
+    if len(lead) == 1:
+        return y, s
     return y.reshape(*lead, K), s.reshape(*lead, G)

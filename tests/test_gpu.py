@@ -184,6 +184,20 @@ def test_launches_take_the_short_path() -> None:
     assert len(_launch._CACHE) == before  # the same specialization: no new compile
 
 
+def test_act_quant_on_an_unaligned_view_after_an_aligned_call() -> None:
+    """act_quant's planned launch keys on its operands' 16-byte alignment: an input view one element past an
+    aligned base, of the same shape as an aligned call just made, gets a kernel compiled for it (the aligned one's
+    vector loads would fault or read wrong data) and the reference's exact bits."""
+    from dsv3_tools.kernels.act_quant import act_quant, act_quant_ref
+
+    buf = torch.randn(64 * 1024 + 8, device="cuda").bfloat16()
+    for x in (buf[: 64 * 1024].view(64, 1024), buf[1 : 64 * 1024 + 1].view(64, 1024)):
+        assert (x.data_ptr() % 16 == 0) == (x.storage_offset() == 0)
+        y, sc = act_quant(x)
+        yr, sr = act_quant_ref(x)
+        assert torch.equal(sc, sr) and torch.equal(y.view(torch.uint8), yr.view(torch.uint8))
+
+
 @pytest.mark.parametrize("M", [128, 1024])
 def test_fp8_gemm_on_unaligned_views(M: int) -> None:
     """Operands at addresses that are not 16-byte aligned (views into a larger buffer) take kernels compiled
