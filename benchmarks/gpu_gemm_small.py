@@ -40,10 +40,10 @@ def candidates(M: int, N: int, K: int, wide: bool = False) -> list[GemmConfig]:
     """pick_config's choice, with and without dependent launch, the pointer and TMA kernels unsplit and split, the
     Gluon kernel's 128 x 64 tiles from M = 65; ``wide``: more tiles and splits."""
     ptr = C(16, 64, 4, 6) if M <= 16 else C(64, 128, 4, 4)
-    out = [pick_config(M, N, K), ptr, C(64, 128, 4, 4, 1)]
+    pick = pick_config(M, N, K)
+    out = [pick, ptr, C(64, 128, 4, 4, 1)]
     out += [ptr._replace(split_k=s) for s in (2, 3)]
     out += [C(64, 128, 4, 4, 1, split_k=s) for s in (2, 3, 4)]
-    pick = pick_config(M, N, K)
     out.append(pick._replace(pdl=0 if pick.pdl else 2))  # programmatic dependent launch, on or off
     if M > 64:  # the warp-specialized Gluon kernel with 128 x 64 tiles (the fastest at M = 128 by kernel time)
         out.append(C(128, 64, 4, 6, 1, persistent=1, gluon=1, pdl=1))

@@ -54,7 +54,6 @@ def _resolve() -> bool:
         # Device and stream as the JIT gets them (torch's current ones), without its Python wrappers.
         _STATE["get_device"] = torch._C._cuda_getDevice
         _STATE["get_stream"] = torch._C._cuda_getCurrentRawStream
-        _STATE["tensor"] = torch.Tensor
         _STATE["knobs"] = knobs.runtime
     except Exception as e:  # interpreter, or a Triton whose internals differ: the JIT path every time
         _STATE["off"] = f"{type(e).__name__}: {e}"

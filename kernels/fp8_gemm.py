@@ -121,7 +121,7 @@ _kernel = None
 
 
 def _build():
-    # The two helpers become module globals: Triton resolves a kernel's callees through its module's globals.
+    # The helpers become module globals: Triton resolves a kernel's callees through its module's globals.
     global _tile_coords, _scaled, _store_tile, _work_item, _pdl_wait, _pdl_trigger
     import triton
     import triton.language as tl
@@ -331,10 +331,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 def _split_buffers(n: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """A split-K launch's f32 workspace (at least ``n`` elements) and its tile counters, then their addresses (both
-    allocations start 256-byte aligned), kept per stream: launches
-    on one stream run one after another, each leaves every counter at zero, and the workspace is only read by the
-    launch that wrote it. (So a CUDA graph captured with split-K must not be replayed concurrently with split-K
-    calls on its capture stream.)"""
+    allocations start 256-byte aligned), kept per stream: launches on one stream run one after another, each leaves
+    every counter at zero, and the workspace is only read by the launch that wrote it. (So a CUDA graph captured
+    with split-K must not be replayed concurrently with split-K calls on its capture stream.)"""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         key = (idx, torch._C._cuda_getCurrentRawStream(idx))

@@ -51,7 +51,7 @@ def fake_triton(monkeypatch: pytest.MonkeyPatch) -> dict:
             return (str(a.dtype), "D" if a.data_ptr() % 16 == 0 else None)
         return ("i32", "D" if a % 16 == 0 else None)
 
-    state = dict(specialize=spec, backend=None, get_device=lambda: 0, get_stream=lambda d: 7, tensor=torch.Tensor)
+    state = dict(specialize=spec, backend=None, get_device=lambda: 0, get_stream=lambda d: 7)
     state["knobs"] = Knobs()
     monkeypatch.setattr(_launch, "_STATE", state)
     monkeypatch.setattr(_launch, "_CACHE", {})
