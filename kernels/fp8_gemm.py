@@ -399,7 +399,6 @@ class _Plan(NamedTuple):
     tma_store: bool
     const: dict
     opts: dict
-    pdl: int = 0  # programmatic dependent launch (GemmConfig.pdl), where the GPU has it
 
 
 _PLANS: dict = {}
@@ -413,7 +412,7 @@ def _plan(M: int, N: int, K: int, KB: int, sb_n: int, c_size: int, aligned: bool
 
         if aligned and sb_n % cfg.block_n == 0 and (N * c_size) % 16 == 0 and fp8_gemm_ws.available(device):
             programs = min(-(-M // cfg.block_m) * -(-N // cfg.block_n), cfg.persistent * sms)
-            return _Plan(2, cfg, programs, 1, 0, False, {}, {}, cfg.pdl)  # Gluon: Hopper
+            return _Plan(2, cfg, programs, 1, 0, False, {}, {})
         cfg = LONG_K if K >= 4096 else SHORT_K  # no Hopper Gluon here: the Triton kernel's schedule
     bm, bn = cfg.block_m, cfg.block_n
     tiles = -(-M // bm) * -(-N // bn)
@@ -430,9 +429,19 @@ def _plan(M: int, N: int, K: int, KB: int, sb_n: int, c_size: int, aligned: bool
         tma_store = bool(cfg.tma_store) and split == 1 and (N * c_size) % 16 == 0
         programs = min(tiles * split, cfg.persistent * sms) if cfg.persistent else tiles * split
         const.update(ROW_SCALE=row_scale, PREFETCH=bool(cfg.prefetch), TMA_STORE=tma_store, SPLIT_K=split, PDL=pdl)
-        return _Plan(1, cfg, programs, split, tiles, tma_store, const, opts, pdl)
+        return _Plan(1, cfg, programs, split, tiles, tma_store, const, opts)
     const.update(GROUP_M=8, EVEN_K=K % BLOCK_K == 0, ROW_SCALE=row_scale, SPLIT_K=split, PDL=pdl)
-    return _Plan(0, cfg, tiles * split, split, tiles, False, const, opts, pdl)
+    return _Plan(0, cfg, tiles * split, split, tiles, False, const, opts)
+
+
+def _tma_descriptor(t: torch.Tensor, ptr: int, shape: tuple, row_stride: int, block: tuple, cuda: bool):
+    """A TMA descriptor over the 2-D ``t`` at ``ptr``: on the GPU (``cuda``) over its address, built once
+    (_launch.descriptor); under the interpreter over the tensor itself, which the interpreter reads through it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if cuda:
+        return _launch.descriptor(TensorDescriptor, ptr, t.dtype, shape, (row_stride, 1), block)
+    return TensorDescriptor(t, list(shape), [row_stride, 1], list(block))
 
 
 def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
@@ -458,7 +467,7 @@ def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
 
         fp8_gemm_ws.launch(
             a2, b, c, a_s2, b_s, M, N, K, KB, sb_n, plan.programs, cfg.block_m, cfg.block_n, cfg.stages,
-            cfg.group_m, pdl=plan.pdl, static=key, ptrs=(pa, pb, pc, pas, pbs),
+            cfg.group_m, pdl=cfg.pdl, static=key, ptrs=(pa, pb, pc, pas, pbs),  # Gluon runs on Hopper only
         )  # fmt: skip
         return
     if plan.split == 1:
@@ -466,21 +475,10 @@ def _launch_gemm(a2, a_s2, b, b_s, c, M, N, K, KB, sb_n, config) -> None:
     else:
         ws, cnt, pws, pcnt = _split_buffers(plan.split * M * N, plan.tiles, a2.device)
     if plan.kind == 1:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        bm, bn = cfg.block_m, cfg.block_n
-        if c.is_cuda:  # on the GPU, descriptors over addresses, built once each (_launch.descriptor)
-            a_desc = _launch.descriptor(TensorDescriptor, pa, a2.dtype, (M, K), (sa, 1), (bm, BLOCK_K))
-            b_desc = _launch.descriptor(TensorDescriptor, pb, b.dtype, (N, K), (sb, 1), (bn, BLOCK_K))
-            if plan.tma_store:
-                c_arg = _launch.descriptor(TensorDescriptor, pc, c.dtype, (M, N), (N, 1), (bm, bn))
-        else:  # the interpreter reads the tensors through the descriptors
-            a_desc = TensorDescriptor(a2, [M, K], [sa, 1], [bm, BLOCK_K])
-            b_desc = TensorDescriptor(b, [N, K], [sb, 1], [bn, BLOCK_K])
-            if plan.tma_store:
-                c_arg = TensorDescriptor(c, [M, N], [N, 1], [bm, bn])
-        if not plan.tma_store:
-            c_arg = c
+        bm, bn, cuda = cfg.block_m, cfg.block_n, c.is_cuda
+        a_desc = _tma_descriptor(a2, pa, (M, K), sa, (bm, BLOCK_K), cuda)
+        b_desc = _tma_descriptor(b, pb, (N, K), sb, (bn, BLOCK_K), cuda)
+        c_arg = _tma_descriptor(c, pc, (M, N), N, (bm, bn), cuda) if plan.tma_store else c
         args = (a_desc, b_desc, c_arg, ws, cnt, a_s2, b_s, M, N, N, KB, plan.programs)
         addresses = (a_desc, b_desc, c_arg if plan.tma_store else pc, pws, pcnt, pas, pbs, *args[7:])
     else:
