@@ -50,7 +50,7 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     where = subprocess.run(
-        [str(py), "-c", "import dsv3_tools, dsv3_tools.kernels as k; print(dsv3_tools.__file__, k.__file__)"],
+        [str(py), "-c", "import dsv3_tools, dsv3_tools.kernels as k; print(dsv3_tools.__file__, list(k.__path__))"],
         cwd=work,
         env=env,
         capture_output=True,
@@ -68,3 +68,27 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
         [str(py), "-m", "dsv3_tools", "inspect", "out"], cwd=work, env=env, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_repo_root_does_not_shadow_a_top_level_kernels_package() -> None:
+    """With the repository root first on sys.path (``python -c``, ``python -m pytest``, a REPL opened in the repo),
+    transformers' DeepSeek-V3 model loads: it imports Hugging Face's ``kernels`` package, which the repo's own
+    ``kernels/`` folder (the source of ``dsv3_tools.kernels``) must never stand in for."""
+    code = """
+import importlib.util, sys
+assert sys.path[0] == "", sys.path[:2]
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+cfg = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+    num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+    n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16,
+    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+DeepseekV3ForCausalLM(cfg)
+import dsv3_tools.kernels.weight_dequant as ours
+spec = importlib.util.find_spec("kernels")
+print(spec.origin if spec is not None else None, ours.__file__)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs, ours = r.stdout.split()
+    assert Path(ours).parent == ROOT / "dsv3_tools" / "kernels"
+    assert theirs == "None" or not Path(theirs).resolve().is_relative_to(ROOT / "kernels"), theirs
