@@ -560,6 +560,7 @@ def _prefetch(it: Iterator, depth: int) -> Iterator:
             yield x
     finally:
         stop.set()
+        t.join()  # a reader still inside torch at interpreter exit aborts the process (std::terminate)
 
 
 def _gb(n: float) -> str:
