@@ -7,7 +7,7 @@ set (reader validation, inspect, verify). A name is parsed once into fields; unk
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import ModelConfig
 from .errors import UnknownNameError
@@ -17,53 +17,116 @@ EXPERT = "expert"  # split marker for routed experts: whole experts are partitio
 
 @dataclass(frozen=True)
 class Module:
-    """One row of the table: a module's HF path, its internal (model-parallel) path and how it is split."""
+    """One row of the table: a module's HF path, its internal (model-parallel) path, how it is split, and what the
+    expected tensor set needs to expand it: its shape (as dimension names, see ``dims``), when it exists, its dtype."""
 
     hf: str  # HF path inside a layer ("self_attn.q_b_proj") or the full top-level path ("lm_head")
     mp: str  # internal path ("attn.wq_b")
     split: int | str | None  # 0 / 1: tensor-parallel dim; EXPERT; None: replicated
     quantized: bool  # an FP8 checkpoint stores this weight as F8_E4M3 plus a weight_scale_inv
     scope: str  # "top", "layer" (any layer), "mtp" (MTP layers only)
+    shape: tuple[str, ...] = ()  # the weight's shape, as names of ``dims``
+    when: str | None = None  # a condition of ``_applies`` (None: always, within its scope)
+    dtype: str = "BF16"  # the weight's dtype when not FP8
+    alt: tuple[str, ...] = ()  # other dtypes accepted (facts not confirmed for every release); "fp8": F8_E4M3 + scale
+    leaves: tuple[tuple[str, str | None, str, tuple[str, ...]], ...] = ()  # extra (leaf, when, dtype, alt)
 
 
+# The table, in the order a Hugging Face checkpoint stores a model: top rows before the first layer row come first,
+# top rows after the last layer row come last; within a layer, rows in this order; routed experts one expert at a
+# time (its three rows together).
 # fmt: off
 TABLE: tuple[Module, ...] = (
-    Module("model.embed_tokens",             "embed",                   0,      False, "top"),
-    Module("model.norm",                     "norm",                    None,   False, "top"),
-    Module("lm_head",                        "head",                    0,      False, "top"),
-    Module("input_layernorm",                "attn_norm",               None,   False, "layer"),
-    Module("post_attention_layernorm",       "ffn_norm",                None,   False, "layer"),
-    Module("self_attn.q_proj",               "attn.wq",                 0,      True,  "layer"),
-    Module("self_attn.q_a_proj",             "attn.wq_a",               None,   True,  "layer"),
-    Module("self_attn.q_a_layernorm",        "attn.q_norm",             None,   False, "layer"),
-    Module("self_attn.q_b_proj",             "attn.wq_b",               0,      True,  "layer"),
-    Module("self_attn.kv_a_proj_with_mqa",   "attn.wkv_a",              None,   True,  "layer"),
-    Module("self_attn.kv_a_layernorm",       "attn.kv_norm",            None,   False, "layer"),
-    Module("self_attn.kv_b_proj",            "attn.wkv_b",              0,      True,  "layer"),
-    Module("self_attn.o_proj",               "attn.wo",                 1,      True,  "layer"),
-    Module("self_attn.indexer.wq_b",         "attn.indexer.wq_b",       None,   True,  "layer"),
-    Module("self_attn.indexer.wk",           "attn.indexer.wk",         None,   True,  "layer"),
-    Module("self_attn.indexer.k_norm",       "attn.indexer.k_norm",     None,   False, "layer"),
-    Module("self_attn.indexer.weights_proj", "attn.indexer.weights_proj", None, False, "layer"),
-    Module("mlp.gate_proj",                  "ffn.w1",                  0,      True,  "layer"),
-    Module("mlp.up_proj",                    "ffn.w3",                  0,      True,  "layer"),
-    Module("mlp.down_proj",                  "ffn.w2",                  1,      True,  "layer"),
-    Module("mlp.gate",                       "ffn.gate",                None,   False, "layer"),
-    Module("mlp.shared_experts.gate_proj",   "ffn.shared_experts.w1",   0,      True,  "layer"),
-    Module("mlp.shared_experts.up_proj",     "ffn.shared_experts.w3",   0,      True,  "layer"),
-    Module("mlp.shared_experts.down_proj",   "ffn.shared_experts.w2",   1,      True,  "layer"),
-    Module("mlp.experts.{}.gate_proj",       "ffn.experts.{}.w1",       EXPERT, True,  "layer"),
-    Module("mlp.experts.{}.up_proj",         "ffn.experts.{}.w3",       EXPERT, True,  "layer"),
-    Module("mlp.experts.{}.down_proj",       "ffn.experts.{}.w2",       EXPERT, True,  "layer"),
-    # The MTP module (layers >= num_hidden_layers). The demo drops it; `shard --mtp keep` writes these names.
-    Module("embed_tokens",                   "embed",                   0,      False, "mtp"),
-    Module("enorm",                          "enorm",                   None,   False, "mtp"),
-    Module("hnorm",                          "hnorm",                   None,   False, "mtp"),
-    Module("eh_proj",                        "eh_proj",                 None,   False, "mtp"),
-    Module("shared_head.norm",               "shared_head.norm",        None,   False, "mtp"),
-    Module("shared_head.head",               "shared_head.head",        0,      False, "mtp"),
+    Module("model.embed_tokens",             "embed",                   0,      False, "top",   ("V", "H")),
+    # The MTP module's own rows (layers >= num_hidden_layers), before its decoder block. The demo drops the MTP layer.
+    Module("embed_tokens",                   "embed",                   0,      False, "mtp",   ("V", "H")),
+    Module("enorm",                          "enorm",                   None,   False, "mtp",   ("H",)),
+    Module("hnorm",                          "hnorm",                   None,   False, "mtp",   ("H",)),
+    # eh_proj's dtype is unconfirmed for some releases (FORMAT.md): BF16, or FP8 with a scale, are both accepted.
+    Module("eh_proj",                        "eh_proj",                 None,   False, "mtp",   ("H", "2H"), alt=("fp8",)),
+    Module("input_layernorm",                "attn_norm",               None,   False, "layer", ("H",)),
+    Module("self_attn.q_a_proj",             "attn.wq_a",               None,   True,  "layer", ("Q", "H"), "q_lora"),
+    Module("self_attn.q_a_layernorm",        "attn.q_norm",             None,   False, "layer", ("Q",), "q_lora"),
+    Module("self_attn.q_b_proj",             "attn.wq_b",               0,      True,  "layer", ("NQ", "Q"), "q_lora"),
+    Module("self_attn.q_proj",               "attn.wq",                 0,      True,  "layer", ("NQ", "H"), "no_q_lora"),
+    Module("self_attn.kv_a_proj_with_mqa",   "attn.wkv_a",              None,   True,  "layer", ("KVA", "H")),
+    Module("self_attn.kv_a_layernorm",       "attn.kv_norm",            None,   False, "layer", ("KV",)),
+    Module("self_attn.kv_b_proj",            "attn.wkv_b",              0,      True,  "layer", ("NKV", "KV")),
+    Module("self_attn.o_proj",               "attn.wo",                 1,      True,  "layer", ("H", "NV")),
+    Module("self_attn.indexer.wq_b",         "attn.indexer.wq_b",       None,   True,  "layer", ("IQ", "QI"), "indexer"),
+    Module("self_attn.indexer.wk",           "attn.indexer.wk",         None,   True,  "layer", ("ID", "H"), "indexer"),
+    Module("self_attn.indexer.k_norm",       "attn.indexer.k_norm",     None,   False, "layer", ("ID",), "indexer",
+           alt=("F32",), leaves=(("bias", None, "BF16", ("F32",)),)),
+    Module("self_attn.indexer.weights_proj", "attn.indexer.weights_proj", None, False, "layer", ("IH", "H"), "indexer"),
+    Module("post_attention_layernorm",       "ffn_norm",                None,   False, "layer", ("H",)),
+    Module("mlp.gate",                       "ffn.gate",                None,   False, "layer", ("E", "H"), "moe",
+           leaves=(("e_score_correction_bias", "router_bias", "F32", ()),)),
+    Module("mlp.experts.{}.gate_proj",       "ffn.experts.{}.w1",       EXPERT, True,  "layer", ("MI", "H"), "moe"),
+    Module("mlp.experts.{}.up_proj",         "ffn.experts.{}.w3",       EXPERT, True,  "layer", ("MI", "H"), "moe"),
+    Module("mlp.experts.{}.down_proj",       "ffn.experts.{}.w2",       EXPERT, True,  "layer", ("H", "MI"), "moe"),
+    Module("mlp.shared_experts.gate_proj",   "ffn.shared_experts.w1",   0,      True,  "layer", ("S", "H"), "shared"),
+    Module("mlp.shared_experts.up_proj",     "ffn.shared_experts.w3",   0,      True,  "layer", ("S", "H"), "shared"),
+    Module("mlp.shared_experts.down_proj",   "ffn.shared_experts.w2",   1,      True,  "layer", ("H", "S"), "shared"),
+    Module("mlp.gate_proj",                  "ffn.w1",                  0,      True,  "layer", ("I", "H"), "dense"),
+    Module("mlp.up_proj",                    "ffn.w3",                  0,      True,  "layer", ("I", "H"), "dense"),
+    Module("mlp.down_proj",                  "ffn.w2",                  1,      True,  "layer", ("H", "I"), "dense"),
+    # The MTP module's head, after its decoder block.
+    Module("shared_head.norm",               "shared_head.norm",        None,   False, "mtp",   ("H",)),
+    Module("shared_head.head",               "shared_head.head",        0,      False, "mtp",   ("V", "H")),
+    Module("model.norm",                     "norm",                    None,   False, "top",   ("H",)),
+    Module("lm_head",                        "head",                    0,      False, "top",   ("V", "H")),
 )
 # fmt: on
+
+
+def dims(cfg: ModelConfig) -> dict[str, int]:
+    """The dimension names the table's shapes use, for one geometry."""
+    nh = cfg.num_attention_heads
+    d = {
+        "H": cfg.hidden_size,
+        "2H": 2 * cfg.hidden_size,
+        "V": cfg.vocab_size,
+        "Q": cfg.q_lora_rank or 0,
+        "NQ": nh * cfg.qk_head_dim,
+        "KV": cfg.kv_lora_rank,
+        "KVA": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        "NKV": nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+        "NV": nh * cfg.v_head_dim,
+        "I": cfg.intermediate_size,
+        "MI": cfg.moe_intermediate_size,
+        "S": cfg.n_shared_experts * cfg.moe_intermediate_size,
+        "E": cfg.n_routed_experts,
+    }
+    if cfg.has_indexer:
+        d |= {
+            "IH": cfg.index_n_heads,
+            "ID": cfg.index_head_dim,
+            "IQ": cfg.index_n_heads * cfg.index_head_dim,
+            "QI": cfg.q_lora_rank or cfg.hidden_size,
+        }
+    return d
+
+
+def _applies(cfg: ModelConfig, when: str | None, layer: int | None) -> bool:
+    """Whether a row (or leaf) guarded by ``when`` exists in ``layer`` of ``cfg``."""
+    if when is None:
+        return True
+    if when == "q_lora":
+        return cfg.has_q_lora
+    if when == "no_q_lora":
+        return not cfg.has_q_lora
+    if when == "indexer":
+        return cfg.has_indexer
+    if when == "moe":
+        return layer is not None and cfg.is_moe_layer(layer)
+    if when == "dense":
+        return layer is not None and not cfg.is_moe_layer(layer)
+    if when == "shared":
+        return layer is not None and cfg.is_moe_layer(layer) and cfg.n_shared_experts > 0
+    if when == "router_bias":
+        return cfg.has_router_bias
+    raise AssertionError(f"unknown table condition {when!r}")
+
 
 # Leaf renames: HF leaf -> internal leaf.
 LEAVES = {"weight": "weight", "weight_scale_inv": "scale", "e_score_correction_bias": "bias", "bias": "bias"}
@@ -173,17 +236,26 @@ def _mp_leaf_to_hf(mod: Module, leaf: str) -> str:
     return "weight_scale_inv" if leaf == "scale" else "weight"
 
 
-def hf_to_mp(name: str) -> str:
-    return parse_hf(name).mp
-
-
 def mp_to_hf(name: str) -> str:
     return parse_mp(name).hf
 
 
+SCALE_SUFFIX = "_scale_inv"  # HF: `<weight>_scale_inv` holds a weight's block scales (a multiplier, despite the name)
+
+
 def scale_name(weight: str) -> str:
     """HF name of the scale that belongs to a HF weight name."""
-    return weight + "_scale_inv"
+    return weight + SCALE_SUFFIX
+
+
+def is_scale(name: str) -> bool:
+    """Whether a HF tensor name is a block scale (``..._scale_inv``)."""
+    return name.endswith(SCALE_SUFFIX)
+
+
+def weight_of(scale: str) -> str:
+    """HF name of the weight a scale belongs to."""
+    return scale.removesuffix(SCALE_SUFFIX)
 
 
 # ---------------------------------------------------------------------- expected tensor set
@@ -201,75 +273,48 @@ class TensorSpec:
 
 
 def expected_tensors(cfg: ModelConfig, *, mtp: bool = True) -> dict[str, TensorSpec]:
-    """Every tensor (weights and scales) a HF checkpoint of ``cfg`` holds, in a stable order."""
+    """Every tensor (weights and scales) a HF checkpoint of ``cfg`` holds, in the table's order: the table expanded
+    over the layers (and the MTP layers, with ``mtp``) and the routed experts."""
     out: dict[str, TensorSpec] = {}
     fp8 = cfg.is_fp8
-    H, V = cfg.hidden_size, cfg.vocab_size
+    size = dims(cfg)
     # Modules an FP8 checkpoint keeps in BF16 (e.g. `cast bf16-fp8 --ignore`), by HF module path.
     keep = set((cfg.raw.get("quantization_config") or {}).get("modules_to_not_convert") or ())
 
-    def add(name: str, shape: tuple[int, ...], quantized: bool = False, dtype: str = "BF16", alt: tuple = ()) -> None:
-        if quantized and fp8 and name.removesuffix(".weight") not in keep:
+    def add(n: Name, m: Module) -> None:
+        name, shape = n.hf, tuple(size[k] for k in m.shape)
+        if m.quantized and fp8 and name.removesuffix(".weight") not in keep:
             sname = scale_name(name)
             out[name] = TensorSpec(name, shape, "F8_E4M3", sname)
             out[sname] = TensorSpec(sname, cfg.scale_grid(shape), "F32")
         else:
-            out[name] = TensorSpec(name, shape, dtype, None, alt)
+            alt = tuple("F8_E4M3" if a == "fp8" else a for a in m.alt if a != "fp8" or fp8)
+            out[name] = TensorSpec(name, shape, m.dtype, None, alt)
+        for leaf, when, dtype, alt in m.leaves:
+            if _applies(cfg, when, n.layer):
+                extra = replace(n, leaf=leaf).hf
+                out[extra] = TensorSpec(extra, shape[:1], dtype, None, alt)
 
-    add("model.embed_tokens.weight", (V, H))
-    layers = cfg.all_layers if mtp else cfg.main_layers
-    for L in layers:
-        p = f"model.layers.{L}."
-        if cfg.is_mtp_layer(L):
-            add(p + "embed_tokens.weight", (V, H))
-            add(p + "enorm.weight", (H,))
-            add(p + "hnorm.weight", (H,))
-            # The eh_proj dtype is not confirmed for every release: BF16, or FP8 with a scale, are both accepted.
-            add(p + "eh_proj.weight", (H, 2 * H), alt=("F8_E4M3",) if fp8 else ())
-        add(p + "input_layernorm.weight", (H,))
-        nh = cfg.num_attention_heads
-        if cfg.has_q_lora:
-            add(p + "self_attn.q_a_proj.weight", (cfg.q_lora_rank, H), True)
-            add(p + "self_attn.q_a_layernorm.weight", (cfg.q_lora_rank,))
-            add(p + "self_attn.q_b_proj.weight", (nh * cfg.qk_head_dim, cfg.q_lora_rank), True)
-        else:
-            add(p + "self_attn.q_proj.weight", (nh * cfg.qk_head_dim, H), True)
-        add(p + "self_attn.kv_a_proj_with_mqa.weight", (cfg.kv_lora_rank + cfg.qk_rope_head_dim, H), True)
-        add(p + "self_attn.kv_a_layernorm.weight", (cfg.kv_lora_rank,))
-        add(p + "self_attn.kv_b_proj.weight", (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank), True)
-        add(p + "self_attn.o_proj.weight", (H, nh * cfg.v_head_dim), True)
-        if cfg.has_indexer:
-            ih, idim = cfg.index_n_heads, cfg.index_head_dim
-            add(p + "self_attn.indexer.wq_b.weight", (ih * idim, cfg.q_lora_rank or H), True)
-            add(p + "self_attn.indexer.wk.weight", (idim, H), True)
-            add(p + "self_attn.indexer.k_norm.weight", (idim,), alt=("F32",))
-            add(p + "self_attn.indexer.k_norm.bias", (idim,), alt=("F32",))
-            add(p + "self_attn.indexer.weights_proj.weight", (ih, H))
-        add(p + "post_attention_layernorm.weight", (H,))
-        if cfg.is_moe_layer(L):
-            E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
-            add(p + "mlp.gate.weight", (E, H))
-            if cfg.has_router_bias:
-                add(p + "mlp.gate.e_score_correction_bias", (E,), dtype="F32")
-            for e in range(E):
-                add(p + f"mlp.experts.{e}.gate_proj.weight", (I, H), True)
-                add(p + f"mlp.experts.{e}.up_proj.weight", (I, H), True)
-                add(p + f"mlp.experts.{e}.down_proj.weight", (H, I), True)
-            if cfg.n_shared_experts:
-                S = cfg.n_shared_experts * I
-                add(p + "mlp.shared_experts.gate_proj.weight", (S, H), True)
-                add(p + "mlp.shared_experts.up_proj.weight", (S, H), True)
-                add(p + "mlp.shared_experts.down_proj.weight", (H, S), True)
-        else:
-            I = cfg.intermediate_size
-            add(p + "mlp.gate_proj.weight", (I, H), True)
-            add(p + "mlp.up_proj.weight", (I, H), True)
-            add(p + "mlp.down_proj.weight", (H, I), True)
-        if cfg.is_mtp_layer(L):
-            add(p + "shared_head.norm.weight", (H,))
-            add(p + "shared_head.head.weight", (V, H))
-    add("model.norm.weight", (H,))
-    add("lm_head.weight", (V, H))
+    first_layer_row = next(i for i, m in enumerate(TABLE) if m.scope != "top")
+    layer_rows = [m for m in TABLE if m.scope != "top"]
+    for m in TABLE[:first_layer_row]:
+        add(Name(m, "weight"), m)
+    for L in cfg.all_layers if mtp else cfg.main_layers:
+        rows = [m for m in layer_rows if _applies(cfg, m.when, L) and (m.scope == "layer" or cfg.is_mtp_layer(L))]
+        i = 0
+        while i < len(rows):
+            if rows[i].split != EXPERT:
+                add(Name(rows[i], "weight", L), rows[i])
+                i += 1
+                continue
+            group = [m for m in rows[i:] if m.split == EXPERT]  # an expert's rows, together, expert by expert
+            for e in range(cfg.n_routed_experts):
+                for m in group:
+                    add(Name(m, "weight", L, e), m)
+            i += len(group)
+    for m in TABLE[first_layer_row:]:
+        if m.scope == "top":
+            add(Name(m, "weight"), m)
     return out
 
 
