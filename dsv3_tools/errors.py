@@ -6,8 +6,6 @@ each to a one-line message and exit code 2. ``assert`` is kept for internal inva
 
 from __future__ import annotations
 
-import re
-
 
 class Dsv3Error(Exception):
     """Base class of every error caused by input rather than by a bug."""
@@ -107,18 +105,3 @@ class DownloadError(Dsv3Error):
 
 class DeviceError(Dsv3Error):
     """The requested device (or its kernel) is not available."""
-
-
-def check_device(device: str) -> None:
-    """Raise a one-line ``DeviceError`` for a ``--device`` torch cannot use here (cpu, cuda, cuda:N)."""
-    import torch
-
-    if device == "cpu":
-        return
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if m is None:
-        raise DeviceError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise DeviceError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
-    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-        raise DeviceError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")

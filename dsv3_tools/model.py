@@ -48,7 +48,8 @@ from . import names as N
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError, ShardingError
-from .parallel import Group, check_degree, current_group, local_slice, rank_device
+from .parallel import Group, check_degree, current_group, local_slice
+from .runtime import rank_device
 
 OnLayer = Callable[[int, list[torch.Tensor]], None]
 
@@ -476,7 +477,7 @@ def load_model(
         check_degree(cfg, group)
         if ck.layout == "mp" and ck.world != group.world:
             raise ShardingError(f"checkpoint is MP-{ck.world} but the process group has {group.world} ranks")
-    dev = rank_device(device, group)
+    dev = rank_device(str(device), group.world)
     if engine == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("engine 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use engine 'torch' on CPU")
     env = Env(ck, cfg, dev, dtype, gemm, Ops(engine), group, cfg.block_size, cfg.quant.scale_fmt if cfg.quant else None)

@@ -13,12 +13,12 @@ weights from its own ``model{r}-mp{N}.safetensors``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ShardingError
+from .runtime import dist_info
 
 
 @dataclass(frozen=True)
@@ -52,20 +52,8 @@ class Group:
 
 
 def current_group() -> Group:
-    """The initialized default process group, if any (``torchrun`` + ``init_process_group``)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return Group(dist.get_rank(), dist.get_world_size())
-    return Group()
-
-
-def rank_device(device: str | torch.device, group: Group) -> torch.device:
-    """``cuda`` means this rank's GPU (``LOCAL_RANK``) under torchrun."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and group.active:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", group.rank)) % max(torch.cuda.device_count(), 1))
-    return dev
+    """The initialized default process group, if any (``torchrun`` + ``runtime.init_distributed``)."""
+    return Group(*dist_info())
 
 
 def check_degree(cfg, group: Group) -> None:
