@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from dsv3_tools import names as N
-from dsv3_tools.checkpoint import DTYPE_SIZE
 from dsv3_tools.config import ModelConfig
+from dsv3_tools.stfile import DTYPE_SIZE
 from dsv3_tools.synth import synth
 
 SIZES = {  # name: synth arguments (real V3 shapes, reduced depth / experts, no MTP)

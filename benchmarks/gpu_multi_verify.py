@@ -42,7 +42,8 @@ def worker(args: argparse.Namespace) -> None:
     """One torchrun rank: verify the MP-N folder against the reference; rank files report time and memory."""
     import torch
 
-    from dsv3_tools.verify import init_distributed, verify_checkpoint
+    from dsv3_tools.runtime import init_distributed
+    from dsv3_tools.verify import verify_checkpoint
 
     rank, world = init_distributed(args.device)
     if args.device == "cuda":

@@ -15,9 +15,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import queue
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,22 +25,14 @@ from pathlib import Path
 import torch
 
 from . import names as N
-from .checkpoint import DTYPE_SIZE, DTYPES, INDEX_NAME, Checkpoint, TensorInfo, nbytes, open_checkpoint
-from .errors import ConfigError, DeviceError, LayoutError, OutputError, check_device
-from .writer import (
-    PARTIAL_SUFFIX,
-    Manifest,
-    SafetensorsWriter,
-    check_separate,
-    copy_file_atomic,
-    free_bytes,
-    plan_header,
-    read_manifest,
-    sidecar_files,
-    source_fingerprint,
-    tensor_bytes,
-    write_json_atomic,
-)
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import ConfigError, DeviceError, LayoutError
+from .layout import INDEX_NAME
+from .output import Output, OutputPlan, plan_output, sidecar_files
+from .pipeline import ReadAhead
+from .runtime import resolve_device
+from .stfile import DTYPE_SIZE, Entry, TensorInfo, nbytes, planned_size, torch_dtype
+from .writer import SafetensorsWriter, read_manifest, source_fingerprint, tensor_bytes
 
 Progress = Callable[[int], None]
 FP8_BF16 = "fp8-bf16"
@@ -53,10 +42,6 @@ SCALE_FMTS = ("f32", "ue8m0")
 COPY_CHUNK = 32 << 20  # bytes per read of a pass-through tensor
 CPU_CHUNK = 4 << 20  # FP8 elements per dequant step on CPU (8 MB of BF16 out)
 GPU_CHUNK = 64 << 20  # FP8 elements per kernel launch
-# Test hooks: send this process a signal (SIGKILL, or the one named by KILL_SIGNAL, e.g. INT for Ctrl-C) once N
-# output files are finished and the next one is partly written.
-KILL_HOOK = "DSV3_TOOLS_TEST_KILL_AFTER_FILES"
-KILL_SIGNAL = "DSV3_TOOLS_TEST_KILL_SIGNAL"
 
 
 @dataclass
@@ -102,24 +87,50 @@ class _Op:
 @dataclass
 class _FilePlan:
     name: str
-    entries: list[tuple[str, str, tuple[int, ...]]]
+    entries: list[Entry]
     ops: list[_Op]
     bytes_in: int
     size: int
 
 
-# ---------------------------------------------------------------------- public API
-def cast_fp8_to_bf16(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    device: str = "auto",
-    workers: int | None = None,
-    mtp: str = "keep",
-    dry_run: bool = False,
-    progress: Progress | None = None,
-) -> CastReport:
-    """Dequantize a block-FP8 checkpoint folder into a new BF16 folder ``dst``."""
+@dataclass
+class CastPlan:
+    """Everything a cast will do, decided (and checked) before any weight is read."""
+
+    direction: str  # FP8_BF16 | BF16_FP8
+    ck: Checkpoint = field(repr=False)
+    files: list[_FilePlan] = field(repr=False)
+    output: OutputPlan
+    device: str  # "cpu" or a CUDA device (fp8-bf16 only)
+    workers: int | None  # CPU threads (None: all cores)
+    mtp: str
+    block: tuple[int, int]
+    scale_fmt: str | None  # bf16-fp8: None (f32 scales) or "ue8m0"
+    dropped: int  # MTP tensors left out (--mtp drop)
+    extra: dict  # recorded in the manifest: which weights are FP8, the quantization config, the block
+    config: dict  # the output's config.json
+
+    @property
+    def n_cast(self) -> int:
+        return len(self.extra["fp8_weights"])
+
+    def report(self, dry_run: bool = True) -> CastReport:
+        files = [
+            CastFile(p.name, len(p.entries), p.bytes_in, p.size, "kept" if p.name in self.output.done else "planned")
+            for p in self.files
+        ]
+        return CastReport(
+            self.direction, str(self.ck.path), str(self.output.dst), self.device, dry_run, files,
+            self.output.sidecars, self.n_cast, sum(1 for p in self.files for op in p.ops if op.kind == "copy"),
+            self.dropped, sum(p.bytes_in for p in self.files), sum(p.size for p in self.files), self.output.needed,
+            self.output.free, scale_fmt=self.scale_fmt,
+        )  # fmt: skip
+
+
+def plan_fp8_to_bf16(
+    src: str | Path, dst: str | Path, *, device: str = "auto", workers: int | None = None, mtp: str = "keep"
+) -> CastPlan:
+    """Plan dequantizing the block-FP8 checkpoint folder ``src`` into a new BF16 folder ``dst``."""
     src, dst = Path(src), Path(dst)
     _check_mtp(mtp)
     if workers is not None and (isinstance(workers, bool) or workers < 1):
@@ -128,36 +139,25 @@ def cast_fp8_to_bf16(
     cfg = ck.config
     if not cfg.is_fp8:
         raise ConfigError(f"{src}: not an FP8 checkpoint (config.json has no quantization_config)")
-    dev = resolve_device(device)
+    dev = resolve_device(device, kernel=_gpu_kernel)
     block = cfg.block_size
     plans, dropped = _plan(ck, FP8_BF16, mtp=mtp, selected=set(), block=block)
     fp8_weights = sorted(op.info.name for p in plans for op in p.ops if op.kind == "dequant")
-    sidecars = sidecar_files(src)
-    job = {
-        "stage": "cast",
-        "direction": FP8_BF16,
-        "mtp": mtp,
-        "source": _fingerprint(src, ck, sidecars),
-    }
     qc = json.loads((src / "config.json").read_text()).get("quantization_config")
     extra = {"fp8_weights": fp8_weights, "quantization_config": qc, "block": list(block)}
-    return _run(
-        ck, dst, FP8_BF16, plans, dropped, sidecars, job, extra, dev, workers, mtp, dry_run, progress,
-        block=block, scale_fmt=None, n_cast=len(fp8_weights),
-    )  # fmt: skip
+    job = {"stage": "cast", "direction": FP8_BF16, "mtp": mtp}
+    return _cast_plan(ck, dst, FP8_BF16, plans, dropped, job, extra, dev, workers, mtp, block, None)
 
 
-def cast_bf16_to_fp8(
+def plan_bf16_to_fp8(
     src: str | Path,
     dst: str | Path,
     *,
     scale_fmt: str | None = None,
     ignore: tuple[str, ...] | list[str] = (),
     mtp: str = "keep",
-    dry_run: bool = False,
-    progress: Progress | None = None,
-) -> CastReport:
-    """Re-quantize a BF16 checkpoint folder to DeepSeek's block-FP8 format in a new folder ``dst``.
+) -> CastPlan:
+    """Plan re-quantizing the BF16 checkpoint folder ``src`` to DeepSeek's block-FP8 format in a new folder ``dst``.
 
     The weights quantized are those that were FP8 before ``cast fp8-bf16`` (from its manifest in ``src``), or
     else ``names.quantizable_weights``; minus any matching an ``ignore`` fnmatch pattern. ``scale_fmt`` None: the
@@ -190,16 +190,8 @@ def cast_bf16_to_fp8(
                 f"tensor {name!r}: cannot quantize {info.dtype}{list(info.shape)} (listed by the {origin})"
             )
     plans, dropped = _plan(ck, BF16_FP8, mtp=mtp, selected=selected, block=block)
-    sidecars = sidecar_files(src)
     fmt = None if scale_fmt == "f32" else scale_fmt
-    job = {
-        "stage": "cast",
-        "direction": BF16_FP8,
-        "mtp": mtp,
-        "scale_fmt": scale_fmt,
-        "ignore": sorted(ignore),
-        "source": _fingerprint(src, ck, sidecars),
-    }
+    job = {"stage": "cast", "direction": BF16_FP8, "mtp": mtp, "scale_fmt": scale_fmt, "ignore": sorted(ignore)}
     qc = {k: v for k, v in orig_qc.items() if k != "scale_fmt"}
     qc.update({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)})
     qc.setdefault("activation_scheme", "dynamic")
@@ -219,23 +211,39 @@ def cast_bf16_to_fp8(
     else:
         qc.pop("modules_to_not_convert", None)
     extra = {"fp8_weights": fp8_weights, "quantization_config": qc, "block": list(block), "selected_by": origin}
-    return _run(
-        ck, dst, BF16_FP8, plans, dropped, sidecars, job, extra, "cpu", None, mtp, dry_run, progress,
-        block=block, scale_fmt=fmt, n_cast=len(fp8_weights),
-    )  # fmt: skip
+    return _cast_plan(ck, dst, BF16_FP8, plans, dropped, job, extra, "cpu", None, mtp, block, fmt)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU and the Triton dequant kernel are available, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() and _gpu_kernel(required=False) is not None else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        check_device(device)
-        _gpu_kernel(required=True)
-        return device
-    raise DeviceError(f"--device must be auto, cpu or cuda, got {device!r}")
+def cast_fp8_to_bf16(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    device: str = "auto",
+    workers: int | None = None,
+    mtp: str = "keep",
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> CastReport:
+    """Dequantize a block-FP8 checkpoint folder into a new BF16 folder ``dst`` (``dry_run``: the plan only)."""
+    plan = plan_fp8_to_bf16(src, dst, device=device, workers=workers, mtp=mtp)
+    plan.output.check_space()
+    return plan.report() if dry_run else run_cast(plan, progress)
+
+
+def cast_bf16_to_fp8(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    scale_fmt: str | None = None,
+    ignore: tuple[str, ...] | list[str] = (),
+    mtp: str = "keep",
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> CastReport:
+    """Re-quantize a BF16 checkpoint folder to block-FP8 in a new folder ``dst`` (see ``plan_bf16_to_fp8``)."""
+    plan = plan_bf16_to_fp8(src, dst, scale_fmt=scale_fmt, ignore=ignore, mtp=mtp)
+    plan.output.check_space()
+    return plan.report() if dry_run else run_cast(plan, progress)
 
 
 # ---------------------------------------------------------------------- planning
@@ -261,7 +269,7 @@ def _plan(
     plans: list[_FilePlan] = []
     dropped = 0
     for rel in sorted(ck.files):
-        entries: list[tuple[str, str, tuple[int, ...]]] = []
+        entries: list[Entry] = []
         ops: list[_Op] = []
         bytes_in = 0
         for info in sorted(ck.headers[rel].tensors.values(), key=lambda i: i.start):
@@ -270,7 +278,7 @@ def _plan(
                 dropped += 1
                 continue
             if direction == FP8_BF16:
-                if name.endswith("_scale_inv"):
+                if N.is_scale(name):
                     continue  # consumed with its weight
                 if info.dtype == "F8_E4M3":
                     sinfo = ck.tensors[N.scale_name(name)]  # presence and shape checked by open_checkpoint
@@ -288,105 +296,31 @@ def _plan(
             ops.append(_Op("copy", info))
             bytes_in += info.nbytes
         if entries:
-            header, _ = plan_header(entries, {"format": "pt"})
-            size = len(header) + sum(nbytes(d, s) for _, d, s in entries)
-            plans.append(_FilePlan(rel, entries, ops, bytes_in, size))
+            plans.append(_FilePlan(rel, entries, ops, bytes_in, planned_size(entries, {"format": "pt"})))
     return plans, dropped
 
 
-def _fingerprint(src: Path, ck: Checkpoint, sidecars: list[str]) -> list:
-    return source_fingerprint(src, [*ck.files, "config.json", *sidecars])
-
-
-# ---------------------------------------------------------------------- running
-def _run(
+def _cast_plan(
     ck: Checkpoint,
     dst: Path,
     direction: str,
-    plans: list[_FilePlan],
+    files: list[_FilePlan],
     dropped: int,
-    sidecars: list[str],
     job: dict,
     extra: dict,
     device: str,
     workers: int | None,
     mtp: str,
-    dry_run: bool,
-    progress: Progress | None,
-    *,
     block: tuple[int, int],
     scale_fmt: str | None,
-    n_cast: int,
-) -> CastReport:
-    t0 = time.perf_counter()
+) -> CastPlan:
+    """The output side of a cast plan: the same file names as the input's, its sidecars, config and index last."""
     src = ck.path
-    check_separate(src, dst)
-    done = _finished_before(dst, job)
-    files = [
-        CastFile(p.name, len(p.entries), p.bytes_in, p.size, "kept" if p.name in done else "planned") for p in plans
-    ]
-    side_bytes = sum((src / s).stat().st_size for s in sidecars)
-    needed = sum(f.bytes_out for f in files if f.status != "kept") + side_bytes + (1 << 20)  # + config, index
-    free = free_bytes(dst)
-    n_copied = sum(1 for p in plans for op in p.ops if op.kind == "copy")
-    report = CastReport(
-        direction, str(src), str(dst), device, dry_run, files, sidecars, n_cast, n_copied, dropped,
-        sum(p.bytes_in for p in plans), sum(p.size for p in plans), needed, free, scale_fmt=scale_fmt,
-    )  # fmt: skip
-    if needed > free:
-        raise OutputError(f"{dst}: the output needs {_gb(needed)} more but only {_gb(free)} is free there")
-    if dry_run:
-        return report
-
-    man = Manifest.open(dst, job)
-    for p in dst.rglob("." + "*" + PARTIAL_SUFFIX):  # sidecars in sub-folders too
-        p.unlink()
-    advance = progress or (lambda n: None)
-    kill_after = int(os.environ.get(KILL_HOOK, "-1"))
-    # Parallelism comes from a pool of threads each running single-threaded torch ops on its own chunk: on a
-    # busy machine, torch's intra-op pool (a barrier per op) was measured 10-100x slower than this.
-    old_threads = torch.get_num_threads()
-    n_workers = 1 if device != "cpu" else max(1, workers or os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="dsv3-cast")
-    torch.set_num_threads(1)
-    try:
-        written = 0
-        for plan, f in zip(plans, files):
-            if man.is_done(plan.name):
-                f.status = "kept"
-                report.kept.append(plan.name)
-                advance(plan.bytes_in)
-                continue
-            hook = kill_after if written == kill_after else None
-            rec = _write_file(ck, dst, plan, device, block, scale_fmt, advance, hook, pool, n_workers + 1)
-            man.record(rec, kind="shard", tensors=len(plan.entries))
-            f.status = "written"
-            written += 1
-        for rel in sidecars:
-            if not man.is_done(rel):
-                man.record(copy_file_atomic(src / rel, dst / rel, rel), kind="sidecar")
-        # Index and config last: a folder that looks loadable is a finished one.
-        if ck.layout == "hf-sharded":
-            wmap = {name: p.name for p in plans for name, _, _ in p.entries}
-            total = sum(nbytes(d, s) for p in plans for _, d, s in p.entries)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
-            man.record(write_json_atomic(dst / INDEX_NAME, index), kind="index")
-        man.record(write_json_atomic(dst / "config.json", _out_config(src, direction, mtp, extra)), kind="config")
-        man.extra = extra
-        man.finish()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(old_threads)
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-def _finished_before(dst: Path, job: dict) -> set[str]:
-    """Files an earlier run of the same job finished (size check only; the run re-checks hashes)."""
-    m = read_manifest(dst)
-    if not m or m.get("job") != job:
-        return set()
-    return {n for n, r in m.get("files", {}).items() if (dst / n).is_file() and (dst / n).stat().st_size == r["size"]}
+    sidecars = sidecar_files(src)
+    job = job | {"source": source_fingerprint(src, [*ck.files, "config.json", *sidecars])}
+    out = plan_output(src, dst, job, {p.name: p.size for p in files}, sidecars)
+    config = _out_config(src, direction, mtp, extra)
+    return CastPlan(direction, ck, files, out, device, workers, mtp, block, scale_fmt, dropped, extra, config)
 
 
 def _out_config(src: Path, direction: str, mtp: str, extra: dict) -> dict:
@@ -404,29 +338,56 @@ def _out_config(src: Path, direction: str, mtp: str, extra: dict) -> dict:
     return cfg
 
 
-def _write_file(
-    ck: Checkpoint,
-    dst: Path,
-    plan: _FilePlan,
-    device: str,
-    block: tuple[int, int],
-    scale_fmt: str | None,
-    advance: Progress,
-    kill_hook: int | None,
-    pool: ThreadPoolExecutor,
-    depth: int,
-):
+# ---------------------------------------------------------------------- running
+def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
+    """Write ``plan``'s output folder (resuming an interrupted run of the same cast); ``progress(n)`` gets the input
+    bytes consumed."""
+    t0 = time.perf_counter()
+    report = plan.report(dry_run=False)
+    out = Output(plan.output)
+    advance = progress or (lambda n: None)
+    # Parallelism comes from a pool of threads each running single-threaded torch ops on its own chunk: on a
+    # busy machine, torch's intra-op pool (a barrier per op) was measured 10-100x slower than this.
+    old_threads = torch.get_num_threads()
+    n_workers = 1 if plan.device != "cpu" else max(1, plan.workers or os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="dsv3-cast")
+    torch.set_num_threads(1)
+    try:
+        for fp, f in zip(plan.files, report.files):
+            if out.is_done(fp.name):
+                f.status = "kept"
+                report.kept.append(fp.name)
+                advance(fp.bytes_in)
+                continue
+            rec = _write_file(plan, fp, advance, pool, n_workers + 1)
+            out.record(rec, kind="shard", tensors=len(fp.entries))
+            f.status = "written"
+        json_files: dict[str, object] = {}
+        if plan.ck.layout == "hf-sharded":
+            wmap = {name: p.name for p in plan.files for name, _, _ in p.entries}
+            total = sum(nbytes(d, s) for p in plan.files for _, d, s in p.entries)
+            json_files[INDEX_NAME] = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
+        json_files["config.json"] = plan.config
+        out.finish(json_files, plan.extra)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(old_threads)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _write_file(plan: CastPlan, fp: _FilePlan, advance: Progress, pool: ThreadPoolExecutor, depth: int):
     """Stream one output file: a reader thread fetches chunks, ``pool`` converts them (torch ops release the GIL),
     this thread hands results to the writer in order, whose threads hash and write. Every buffer handed on is fresh,
     so the stages overlap without copies."""
-    w = SafetensorsWriter(dst / plan.name, plan.entries, {"format": "pt"}, background=True, direct=True)
-    chunks = _prefetch(_read_chunks(ck, plan, device, block), depth=3)
+    w = SafetensorsWriter(plan.output.dst / fp.name, fp.entries, {"format": "pt"}, background=True, direct=True)
+    chunks = ReadAhead(_read_chunks(plan.ck, fp, plan.device, plan.block), depth=3, name="dsv3-read")
     pending: deque = deque()  # (op, future or data, last, nbytes), in output order
     scales: list[torch.Tensor] = []
-    n_out = 0
+    block, device, scale_fmt = plan.block, plan.device, plan.scale_fmt
 
     def flush_one() -> None:
-        nonlocal n_out, scales
+        nonlocal scales
         op, fut, last, nbytes = pending.popleft()
         res = fut.result() if isinstance(fut, Future) else fut
         name = op.info.name
@@ -440,10 +401,6 @@ def _write_file(
         else:
             w.write_part(name, tensor_bytes(res))
         advance(nbytes)
-        n_out += 1
-        if kill_hook is not None and n_out == 1:
-            time.sleep(0.5)  # let the writer put some bytes in the partial file first
-            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(KILL_SIGNAL, "KILL")))
 
     try:
         for op, x, s, last, nbytes in chunks:
@@ -466,7 +423,7 @@ def _write_file(
         w.abort()
         raise
     finally:
-        chunks.close()
+        chunks.close()  # stops the reader and waits for it
 
 
 def _read_chunks(ck: Checkpoint, plan: _FilePlan, device: str, block: tuple[int, int]) -> Iterator[tuple]:
@@ -492,7 +449,7 @@ def _read_chunks(ck: Checkpoint, plan: _FilePlan, device: str, block: tuple[int,
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             raw = ck.read_bytes(info, r0 * row_bytes, r1 * row_bytes)
-            x = raw.view(DTYPES[info.dtype]).view(r1 - r0, cols)
+            x = raw.view(torch_dtype(info.dtype)).view(r1 - r0, cols)
             s = scale[r0 // b0 : -(-r1 // b0)] if scale is not None else None
             extra = op.scale.nbytes if (scale is not None and r0 == 0) else 0
             yield op, x, s, r1 == rows, (r1 - r0) * row_bytes + extra
@@ -523,45 +480,3 @@ def _gpu_kernel(required: bool):
             raise DeviceError(f"the GPU dequant kernel is unavailable ({e}); use --device cpu") from None
         return None
     return weight_dequant
-
-
-def _prefetch(it: Iterator, depth: int) -> Iterator:
-    """Run ``it`` on a helper thread, ``depth`` items ahead (reads release the GIL, so they overlap compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for x in it:
-                if not put(("item", x)):
-                    return
-            put(("end", None))
-        except BaseException as e:
-            put(("error", e))
-
-    t = threading.Thread(target=run, daemon=True, name="dsv3-read")
-    t.start()
-    try:
-        while True:
-            kind, x = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise x
-            yield x
-    finally:
-        stop.set()
-        t.join()  # a reader still inside torch at interpreter exit aborts the process (std::terminate)
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"

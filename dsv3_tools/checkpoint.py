@@ -1,17 +1,15 @@
-"""Reading checkpoints: layout detection, safetensors headers, tensors across files, validation.
+"""Reading checkpoints: a folder in any layout opened as one set of tensors addressed by HF name.
 
-Tensors are read with positioned reads (``os.pread``) of exactly their bytes, never a whole-file load, so that
-memory stays bounded by the tensors in hand. Every tensor is addressed by its HF name, also in the
-model-parallel layout, whose per-rank pieces are listed under ``Checkpoint.mp_parts``.
+Tensors are read with positioned reads (``os.preadv``) of exactly their bytes, never a whole-file load, so that
+memory stays bounded by the tensors in hand. In the model-parallel layout each tensor's per-rank pieces are listed
+under ``Checkpoint.mp_parts``. The file format is ``stfile``, the layouts ``layout``, the checks against the config
+``validate``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,135 +20,17 @@ from . import names as N
 from .config import ModelConfig
 from .errors import (
     CheckpointError,
-    ConfigError,
-    HeaderError,
     IndexMismatchError,
     LayoutError,
     MissingFileError,
-    MissingScaleError,
     MissingTensorError,
-    OrphanScaleError,
-    ScaleShapeError,
-    TensorSpecError,
     TruncatedFileError,
-    UnexpectedTensorError,
     UnknownNameError,
     UnsafePathError,
 )
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-MP_RE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
-MP_HF_CONFIG = "hf_config.json"  # the original HF config kept beside MP shards (config.json holds the demo's args)
-MAX_HEADER = 100 * 1024 * 1024
-
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-DTYPE_SIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
-
-
-def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of safetensors ``dtype`` and ``shape``."""
-    return DTYPE_SIZE[dtype] * math.prod(shape)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes are: file, absolute byte range, dtype, shape."""
-
-    name: str
-    file: str  # file name relative to the checkpoint folder
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute offset in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-@dataclass
-class FileHeader:
-    name: str
-    size: int
-    data_start: int
-    metadata: dict[str, str]
-    tensors: dict[str, TensorInfo]
-
-
-def read_header(path: Path, rel: str | None = None) -> FileHeader:
-    """Parse and validate one safetensors header; raise typed errors naming the file."""
-    rel = rel or path.name
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise TruncatedFileError(f"file is {size} bytes, too short for a safetensors header", file=rel)
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or n + 8 > size:
-                raise HeaderError(
-                    f"header length {n} is impossible for a {size}-byte file (truncated or not safetensors)", file=rel
-                )
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise MissingFileError("file does not exist", file=rel) from None
-    try:
-        hdr = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HeaderError(f"header is not valid JSON ({e})", file=rel) from None
-    if not isinstance(hdr, dict):
-        raise HeaderError("header is not a JSON object", file=rel)
-    meta = hdr.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for name, e in hdr.items():
-        try:
-            dtype, shape, (b, en) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise HeaderError("malformed header entry", file=rel, tensor=name) from None
-        if dtype not in DTYPES:
-            raise HeaderError(f"unknown dtype {dtype!r}", file=rel, tensor=name)
-        if en - b != nbytes(dtype, shape) or b < 0:
-            raise HeaderError(f"data size {en - b} does not match {dtype}{list(shape)}", file=rel, tensor=name)
-        spans.append((b, en, name))
-        tensors[name] = TensorInfo(name, rel, dtype, shape, data_start + b, data_start + en)
-    spans.sort()
-    pos = 0
-    for b, en, name in spans:
-        if b != pos:
-            raise HeaderError(f"data offsets leave a gap or overlap at byte {pos}", file=rel, tensor=name)
-        pos = en
-    if data_start + pos > size:
-        raise TruncatedFileError(
-            f"file is {size} bytes but its header needs {data_start + pos} (truncated download?)", file=rel
-        )
-    if data_start + pos < size:
-        raise HeaderError(f"{size - data_start - pos} trailing bytes after the last tensor", file=rel)
-    return FileHeader(rel, size, data_start, {str(k): str(v) for k, v in meta.items()}, tensors)
+from .layout import INDEX_NAME, MP_HF_CONFIG, MP_RE, SINGLE_NAME, detect_layout
+from .stfile import FileHeader, TensorInfo, read_header, torch_dtype
+from .validate import validate, validate_scales
 
 
 @dataclass
@@ -228,7 +108,7 @@ class Checkpoint:
 
     def read_info(self, info: TensorInfo) -> torch.Tensor:
         raw = self.read_bytes(info)
-        return raw.view(DTYPES[info.dtype]).reshape(info.shape)
+        return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def read(self, name: str) -> torch.Tensor:
         """A whole tensor by HF name (re-assembled from the rank files in the MP layout)."""
@@ -241,7 +121,7 @@ class Checkpoint:
         info = self.info(name)
         row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         raw = self.read_bytes(info, start * row, stop * row)
-        return raw.view(DTYPES[info.dtype]).reshape((stop - start, *info.shape[1:]))
+        return raw.view(torch_dtype(info.dtype)).reshape((stop - start, *info.shape[1:]))
 
     def _read_mp(self, name: str) -> torch.Tensor:
         parts = self.mp_parts.get(name)
@@ -252,6 +132,17 @@ class Checkpoint:
             return self.read_info(parts[0].info)
         pieces = [self.read_info(p.info) for p in sorted(parts, key=lambda p: p.rank)]
         return torch.cat(pieces, dim=n.split)
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's full (re-assembled) shape; in the MP layout, pieces are concatenated on the split dim."""
+        if self.layout != "mp":
+            return self.tensors[name].shape
+        parts = self.mp_parts[name]
+        n = N.parse_hf(name)
+        shape = list(parts[0].info.shape)
+        if isinstance(n.split, int) and len(parts) > 1:
+            shape[n.split] = sum(p.info.shape[n.split] for p in parts)
+        return tuple(shape)
 
     # --------------------------------------------------------------- summaries
     def names(self) -> list[str]:
@@ -265,22 +156,6 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------- opening
-def detect_layout(path: Path) -> str:
-    if not path.exists():
-        raise LayoutError(f"{path}: no such folder")
-    if path.is_file():
-        raise LayoutError(f"{path}: expected a checkpoint folder, got a file")
-    if (path / INDEX_NAME).is_file():
-        return "hf-sharded"
-    if (path / SINGLE_NAME).is_file():
-        return "hf-single"
-    if any(MP_RE.match(p.name) for p in path.iterdir()):
-        return "mp"
-    if any(p.suffix == ".safetensors" for p in path.iterdir()):
-        raise LayoutError(f"{path}: safetensors files but no {INDEX_NAME}")
-    raise LayoutError(f"{path}: no safetensors checkpoint here")
-
-
 def _safe_rel(path: Path, rel: str) -> str:
     """Reject index entries that would escape the folder."""
     if not isinstance(rel, str) or not rel:
@@ -433,116 +308,3 @@ def _open_mp(path: Path, problem) -> Checkpoint:
             parts.setdefault(hf, []).append(MpPart(rank, info))
     tensors = {hf: min(ps, key=lambda p: p.rank).info for hf, ps in parts.items()}
     return Checkpoint(path, "mp", None, files, tensors, world=world, mp_parts=parts, headers=headers)
-
-
-# ---------------------------------------------------------------------- validation
-def validate_scales(ck: Checkpoint, problem) -> None:
-    """Every FP8 weight has an F32 scale of the ceil-grid shape; no scale without its weight."""
-    block = ck.config.block_size if ck.config else (128, 128)
-    for name, info in ck.tensors.items():
-        if name.endswith("_scale_inv"):
-            w = name.removesuffix("_scale_inv")
-            if w not in ck.tensors:
-                problem(OrphanScaleError("scale without its weight", file=info.file, tensor=name))
-            continue
-        if info.dtype == "F8_E4M3":
-            s = ck.tensors.get(N.scale_name(name))
-            if s is None:
-                problem(MissingScaleError("FP8 weight without its weight_scale_inv", file=info.file, tensor=name))
-                continue
-            shape = _full_shape(ck, name)
-            grid = tuple(-(-d // b) for d, b in zip(shape, block)) if len(shape) == 2 else None
-            sshape = _full_shape(ck, N.scale_name(name))  # keyed by HF name (s.name is the MP name in that layout)
-            if s.dtype != "F32" or grid is None or sshape != grid:
-                problem(
-                    ScaleShapeError(
-                        f"scale is {s.dtype}{list(sshape)}, expected F32{list(grid) if grid else '?'} for weight "
-                        f"{list(shape)} with {block[0]}x{block[1]} blocks",
-                        file=s.file,
-                        tensor=s.name,
-                    )
-                )
-
-
-def _full_shape(ck: Checkpoint, name: str) -> tuple[int, ...]:
-    """A tensor's full (re-assembled) shape; in the MP layout, pieces are concatenated on the split dim."""
-    if ck.layout != "mp":
-        return ck.tensors[name].shape
-    parts = ck.mp_parts[name]
-    n = N.parse_hf(name)
-    shape = list(parts[0].info.shape)
-    if isinstance(n.split, int) and len(parts) > 1:
-        shape[n.split] = sum(p.info.shape[n.split] for p in parts)
-    return tuple(shape)
-
-
-def validate(ck: Checkpoint, problem) -> None:
-    """Scales, then the tensor set against the config: names, shapes, dtypes."""
-    validate_scales(ck, problem)
-    cfg = ck.config
-    assert cfg is not None
-    has_mtp_tensors = any(N.is_mtp_name(cfg, n) for n in ck.tensors)
-    expected = N.expected_tensors(cfg, mtp=has_mtp_tensors or ck.layout != "mp")
-    fp8_in_files = any(i.dtype == "F8_E4M3" for i in ck.tensors.values())
-    if cfg.is_fp8 and not fp8_in_files and ck.tensors:
-        problem(
-            TensorSpecError("config.json declares quantization_config (FP8) but no tensor is FP8", file="config.json")
-        )
-        return
-    if not cfg.is_fp8 and fp8_in_files:
-        problem(TensorSpecError("FP8 tensors present but config.json has no quantization_config", file="config.json"))
-        return
-    for name, info in ck.tensors.items():
-        spec = expected.get(name)
-        w_spec = expected.get(name.removesuffix("_scale_inv"))
-        if spec is None and name.endswith("_scale_inv") and w_spec is not None and "F8_E4M3" in w_spec.alt_dtypes:
-            continue  # the scale of an accepted FP8 alternative (eh_proj): checked by validate_scales
-        if spec is None:
-            try:
-                N.parse_hf(name)
-                problem(UnexpectedTensorError("not expected for this config", file=info.file, tensor=name))
-            except UnknownNameError as e:
-                e.file = info.file
-                problem(e)
-            continue
-        if name.endswith("_scale_inv"):
-            continue  # checked by validate_scales
-        shape = _full_shape(ck, name)
-        if ck.layout == "mp":
-            n = N.parse_hf(name)
-            want = len(ck.mp_parts[name])
-            if n.split == N.EXPERT or isinstance(n.split, int) or n.split is None:
-                exp_parts = 1 if n.split == N.EXPERT else ck.world
-                if want != exp_parts:
-                    problem(
-                        TensorSpecError(
-                            f"found in {want} rank files, expected {exp_parts}", file=info.file, tensor=name
-                        )
-                    )
-        if shape != spec.shape or (info.dtype != spec.dtype and info.dtype not in spec.alt_dtypes):
-            problem(
-                TensorSpecError(
-                    f"is {info.dtype}{list(shape)}, expected {spec.dtype}{list(spec.shape)}",
-                    file=info.file,
-                    tensor=name,
-                )
-            )
-    for name, spec in expected.items():
-        if name in ck.tensors:
-            continue
-        if spec.name.endswith("_scale_inv"):
-            w = spec.name.removesuffix("_scale_inv")
-            if w in ck.tensors and ck.tensors[w].dtype != "F8_E4M3":
-                continue  # an accepted non-FP8 alternative carries no scale
-            if w in ck.tensors:
-                continue  # reported by validate_scales
-        problem(MissingTensorError("expected by the config but absent", tensor=name))
-
-
-def open_config_only(path: str | Path) -> ModelConfig:
-    """The config of a checkpoint folder in any layout (HF: config.json; MP: hf_config.json)."""
-    path = Path(path)
-    cfg = load_config(path, detect_layout(path))
-    if cfg is None:
-        raise ConfigError(f"{path}: no config.json")
-    return cfg

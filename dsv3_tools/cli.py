@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import Dsv3Error, check_device
+from .errors import Dsv3Error
 
 app = typer.Typer(
     add_completion=False,
@@ -55,9 +55,9 @@ def synth(
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
     from . import report
-    from .checkpoint import nbytes
     from .config import ModelConfig
     from .names import expected_tensors
+    from .stfile import nbytes
     from .synth import derive_config
     from .synth import synth as run
 
@@ -279,7 +279,8 @@ def verify(
     import torch
 
     from . import report
-    from .verify import init_distributed, planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
+    from .runtime import check_device, init_distributed
+    from .verify import planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

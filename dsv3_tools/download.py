@@ -29,8 +29,8 @@ from pathlib import Path, PurePosixPath
 
 from .disk import free_bytes
 from .errors import DownloadError, OutputError
+from .layout import INDEX_NAME
 
-INDEX_NAME = "model.safetensors.index.json"  # same as checkpoint.INDEX_NAME; kept here to avoid importing torch
 SPACE_MARGIN_FRACTION = 0.02  # keep 2% of the planned bytes free on top of the plan ...
 SPACE_MARGIN_MIN = 1 << 30  # ... and at least 1 GiB (other writers share the disk; the OS needs room too)
 HASH_CHUNK = 8 << 20
@@ -587,8 +587,8 @@ def _check_file(
         if got != f.blob_id:
             return f"git blob id {got[:12]}... differs from the Hub's {f.blob_id[:12]}..."
     if header and f.name.endswith(".safetensors"):
-        from .checkpoint import read_header
         from .errors import CheckpointError
+        from .stfile import read_header
 
         try:
             read_header(path, rel=f.name)

@@ -139,11 +139,11 @@ def save_reference(path: str | Path, ref: Reference) -> int:
         tensors.append((pre + "hidden.proj", p.hidden_proj.float()))
     for layer, rows in sorted(ref.probe.items()):
         tensors.append((f"probe.{layer}", rows.to(torch.bfloat16)))
-    from .checkpoint import DTYPE_NAMES
+    from .stfile import dtype_name
 
     tensors = [(n, t.detach().to("cpu").contiguous()) for n, t in tensors]
     meta = dict(ref.meta) | {"format": FORMAT, "format_version": FORMAT_VERSION, "prompts": len(ref.prompts)}
-    entries = [(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors]
+    entries = [(n, dtype_name(t.dtype), tuple(t.shape)) for n, t in tensors]
     w = SafetensorsWriter(path, entries, {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)})
     try:
         for n, t in tensors:
@@ -160,7 +160,7 @@ def is_reference_file(path: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        from .checkpoint import read_header
+        from .stfile import read_header
 
         return META_KEY in read_header(p).metadata
     except Dsv3Error:
@@ -169,7 +169,7 @@ def is_reference_file(path: str | Path) -> bool:
 
 def load_reference(path: str | Path) -> Reference:
     """Read a reference file written by ``save_reference``; raise ``ReferenceError`` naming what is wrong."""
-    from .checkpoint import DTYPES, read_header
+    from .stfile import read_header, torch_dtype
 
     p = Path(path)
     if not p.is_file():
@@ -195,7 +195,7 @@ def load_reference(path: str | Path) -> Reference:
             if f.readinto(buf) != info.nbytes:
                 raise ReferenceError(f"{p}: truncated at tensor {name!r}")
             t = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
-            tensors[name] = t.view(DTYPES[info.dtype]).reshape(info.shape)
+            tensors[name] = t.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def need(name: str) -> torch.Tensor:
         if name not in tensors:

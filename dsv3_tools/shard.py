@@ -28,40 +28,28 @@ chunks, independent of the checkpoint's size, the largest tensor and N.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import names as N
-from .checkpoint import MP_HF_CONFIG, Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
-from .errors import ConfigError, OutputError, ShardingError
-from .writer import (
-    MP_SIDECAR_PATTERNS,
-    PARTIAL_SUFFIX,
-    Manifest,
-    SafetensorsWriter,
-    check_separate,
-    copy_file_atomic,
-    free_bytes,
-    plan_header,
-    read_manifest,
-    sidecar_files,
-    source_fingerprint,
-    write_json_atomic,
-)
+from .errors import ConfigError, ShardingError
+from .layout import MP_HF_CONFIG, rank_file
+from .modelargs import demo_model_args
+from .output import MP_SIDECAR_PATTERNS, Output, OutputPlan, check_separate, plan_output, sidecar_files
+from .pipeline import BufferRing, Stopped, WriteBehind, first_error
+from .stfile import Entry, TensorInfo, planned_size
+from .writer import SafetensorsWriter, source_fingerprint
 
 Progress = Callable[[int], None]
 CHUNK = 32 << 20  # bytes per read (two in flight): bounds memory whatever the tensor size
 MTP_MODES = ("drop", "keep")
-
-
-def rank_file(rank: int, world: int) -> str:
-    return f"model{rank}-mp{world}.safetensors"
 
 
 # ---------------------------------------------------------------------- reports
@@ -201,69 +189,41 @@ def _plan(ck: Checkpoint, cfg: ModelConfig, mp: int, keep_mtp: bool) -> tuple[li
     return items, dropped
 
 
-def demo_model_args(cfg: ModelConfig) -> dict:
-    """The upstream demo's ``ModelArgs`` for ``cfg`` (its ``config.json``), so ``generate.py`` runs on DST as is.
-
-    ``mscale`` is the HF ``mscale_all_dim`` (the demo uses it for the softmax correction, as HF does with
-    ``mscale_all_dim``); ``max_seq_len`` is the demo's default 16384 capped by the model's context, since the
-    demo sizes its KV cache by it and applies YaRN only when it exceeds ``original_seq_len``.
-    """
-    rs = cfg.rope_scaling
-    args: dict = {
-        "vocab_size": cfg.vocab_size,
-        "dim": cfg.hidden_size,
-        "inter_dim": cfg.intermediate_size,
-        "moe_inter_dim": cfg.moe_intermediate_size,
-        "n_layers": cfg.num_hidden_layers,
-        "n_dense_layers": cfg.first_k_dense_replace,
-        "n_heads": cfg.num_attention_heads,
-        "n_routed_experts": cfg.n_routed_experts,
-        "n_shared_experts": cfg.n_shared_experts,
-        "n_activated_experts": cfg.num_experts_per_tok,
-        "n_expert_groups": cfg.n_group,
-        "n_limited_groups": cfg.topk_group,
-        "route_scale": cfg.routed_scaling_factor,
-        "score_func": cfg.scoring_func,
-        "q_lora_rank": cfg.q_lora_rank or 0,
-        "kv_lora_rank": cfg.kv_lora_rank,
-        "qk_nope_head_dim": cfg.qk_nope_head_dim,
-        "qk_rope_head_dim": cfg.qk_rope_head_dim,
-        "v_head_dim": cfg.v_head_dim,
-    }
-    if cfg.is_fp8:
-        args["dtype"] = "fp8"
-        if cfg.quant.scale_fmt:
-            args["scale_fmt"] = cfg.quant.scale_fmt
-    args["max_seq_len"] = min(cfg.max_position_embeddings, 4 * 4096)
-    args["original_seq_len"] = rs.original_max_position_embeddings if rs else cfg.max_position_embeddings
-    args["rope_theta"] = cfg.rope_theta
-    args["rope_factor"] = rs.factor if rs else 1.0
-    args["beta_fast"] = _int_if_whole(rs.beta_fast if rs else 32.0)
-    args["beta_slow"] = _int_if_whole(rs.beta_slow if rs else 1.0)
-    args["mscale"] = rs.mscale_all_dim if rs else 1.0
-    return args
-
-
-def _int_if_whole(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x
-
-
 # ---------------------------------------------------------------------- the stage
-def shard_checkpoint(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    mp: int,
-    mtp: str = "drop",
-    dry_run: bool = False,
-    progress: Progress | None = None,
-) -> ShardReport:
-    """Write the model-parallel layout of the HF checkpoint ``src`` for ``mp`` ranks into the new folder ``dst``.
+@dataclass
+class ShardPlan:
+    """Everything a shard run will do, decided (and checked) before any weight is read."""
 
-    Resumes a run interrupted with the same arguments (finished rank files whose checksum still matches are
-    kept). ``progress`` receives the number of rank-file bytes written as they are written.
-    """
-    t0 = time.monotonic()
+    ck: Checkpoint = field(repr=False)
+    mp: int
+    mtp: str
+    dtype: str  # "fp8" or "bf16"
+    items: list[_Item] = field(repr=False)  # input tensors in read order, with their destinations
+    entries: list[list[Entry]] = field(repr=False)  # per rank: the rank file's tensors, in writing order
+    names: list[str]  # rank file names
+    sizes: list[int]  # rank file sizes
+    dropped: int  # MTP tensors left out
+    valid: list[int]  # every degree this checkpoint can be sharded into
+    model_args: dict  # the demo's ModelArgs, written as config.json
+    output: OutputPlan
+
+    def report(self, dry_run: bool = True) -> ShardReport:
+        pending = {r for r, n in enumerate(self.names) if n not in self.output.done}
+        files = [
+            ShardFile(n, r, len(self.entries[r]), self.sizes[r], "planned" if r in pending else "kept")
+            for r, n in enumerate(self.names)
+        ]
+        read = sum(it.info.nbytes for it in self.items if pending.intersection(it.ranks))
+        return ShardReport(
+            str(self.ck.path), str(self.output.dst), self.mp, self.mtp, self.dtype, dry_run, files,
+            self.output.sidecars, len(self.ck.tensors), self.dropped, read, sum(self.sizes[r] for r in pending),
+            self.output.needed, self.output.free, self.output.fits, self.valid, 0.0, self.model_args,
+        )  # fmt: skip
+
+
+def plan_shard(src: str | Path, dst: str | Path, *, mp: int, mtp: str = "drop") -> ShardPlan:
+    """Plan the model-parallel layout of the HF checkpoint ``src`` for ``mp`` ranks in the new folder ``dst``: N is
+    checked against every tensor, and ``dst`` against the job (see ``output.plan_output``)."""
     src, dst = Path(src), Path(dst)
     check_separate(src, dst)
     if mtp not in MTP_MODES:
@@ -271,15 +231,6 @@ def shard_checkpoint(
     if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
         raise ShardingError(f"--mp must be a positive integer, got {mp!r}")
     ck = open_checkpoint(src)
-    try:
-        return _shard(ck, src, dst, mp, mtp, dry_run, progress, t0)
-    finally:
-        ck.close()
-
-
-def _shard(
-    ck: Checkpoint, src: Path, dst: Path, mp: int, mtp: str, dry_run: bool, progress: Progress | None, t0: float
-) -> ShardReport:
     if ck.layout == "mp":
         raise ShardingError(f"{src} is already in the model-parallel layout; shard a Hugging Face checkpoint")
     cfg = ck.config
@@ -292,107 +243,89 @@ def _shard(
     )
     _check(rules, mp)
 
-    entries: list[list[tuple[str, str, tuple[int, ...]]]] = [[] for _ in range(mp)]
+    entries: list[list[Entry]] = [[] for _ in range(mp)]
     for it in items:
         for r in it.ranks:
             entries[r].append((it.name.mp, it.info.dtype, it.shape))
     names = [rank_file(r, mp) for r in range(mp)]
-    sizes = []
-    for r in range(mp):
-        header, offsets = plan_header(entries[r], {"format": "pt"})
-        sizes.append(len(header) + max((e for _, e in offsets.values()), default=0))
-    sidecars = sidecar_files(src, MP_SIDECAR_PATTERNS)
-    model_args = demo_model_args(cfg)
-    job = {
-        "stage": "shard",
-        "mp": mp,
-        "mtp": mtp,
-        "source": source_fingerprint(src, [*ck.files, "config.json"]),
-    }
-
-    # Which rank files an earlier run of this same job already finished (size check here; checksum on open).
-    old = read_manifest(dst) if dst.is_dir() else None
-    old_files = old.get("files", {}) if old and old.get("job") == job else {}
-
-    def finished(name: str) -> bool:
-        rec = old_files.get(name)
-        return rec is not None and (dst / name).is_file() and (dst / name).stat().st_size == rec["size"]
-
-    side_bytes = sum((src / s).stat().st_size for s in sidecars) + 2 * (src / "config.json").stat().st_size + 4096
-    needed = sum(s for n, s in zip(names, sizes) if not finished(n)) + side_bytes
-    free = free_bytes(dst)
-    if dst.is_dir():  # partial files of an interrupted run are deleted before writing: their space counts as free
-        free += sum(f.stat().st_size for f in dst.glob(".*" + PARTIAL_SUFFIX))
-    fits = needed <= free
+    sizes = [planned_size(entries[r], {"format": "pt"}) for r in range(mp)]
+    job = {"stage": "shard", "mp": mp, "mtp": mtp, "source": source_fingerprint(src, [*ck.files, "config.json"])}
+    out = plan_output(
+        src, dst, job, dict(zip(names, sizes)), sidecar_files(src, MP_SIDECAR_PATTERNS), {MP_HF_CONFIG: "config.json"}
+    )
     dtype = "fp8" if fp8 else "bf16"
-    valid = _valid(rules)
-
-    def report(files: list[ShardFile], read: int, written: int) -> ShardReport:
-        return ShardReport(
-            str(src), str(dst), mp, mtp, dtype, dry_run, files, sidecars, len(ck.tensors), dropped, read, written,
-            needed, free, fits, valid, round(time.monotonic() - t0, 3), model_args,
-        )  # fmt: skip
-
-    if dry_run:
-        files = [
-            ShardFile(n, r, len(entries[r]), sizes[r], "kept" if finished(n) else "planned")
-            for r, n in enumerate(names)
-        ]
-        pending = {r for r, n in enumerate(names) if not finished(n)}
-        read = sum(it.info.nbytes for it in items if pending.intersection(it.ranks))
-        return report(files, read, sum(sizes[r] for r in pending))
-    if not fits:
-        raise OutputError(
-            f"{dst}: needs {needed} bytes of free space, only {free} available; free space or pick another disk"
-        )
-
-    man = Manifest.open(dst, job)
-    pending = [r for r in range(mp) if not man.is_done(names[r])]
-    read, written = _write_ranks(ck, items, mp, pending, entries, names, dst, man, progress)
-    status = {r: "written" if r in pending else "kept" for r in range(mp)}
-    files = [ShardFile(n, r, len(entries[r]), sizes[r], status[r]) for r, n in enumerate(names)]
-
-    for s in sidecars:
-        if not man.is_done(s):
-            man.record(copy_file_atomic(src / s, dst / s))
-    if not man.is_done(MP_HF_CONFIG):
-        man.record(copy_file_atomic(src / "config.json", dst / MP_HF_CONFIG))
-    if not man.is_done("config.json"):
-        man.record(write_json_atomic(dst / "config.json", model_args))
-    man.extra = {"mp": mp, "mtp": mtp, "dtype": dtype, "experts_per_rank": cfg.n_routed_experts // mp}
-    man.finish()
-    return report(files, read, written)
+    return ShardPlan(
+        ck, mp, mtp, dtype, items, entries, names, sizes, dropped, _valid(rules), demo_model_args(cfg), out
+    )
 
 
-def _write_ranks(
-    ck: Checkpoint,
-    items: list[_Item],
+def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
+    """Write ``plan``'s rank files (resuming an interrupted run of the same job); ``progress(n)`` gets the rank-file
+    bytes as they are written."""
+    t0 = time.monotonic()
+    ck = plan.ck
+    try:
+        out = Output(plan.output)
+        pending = [r for r in range(plan.mp) if not out.is_done(plan.names[r])]
+        read, written = _write_ranks(plan, pending, out, progress or (lambda n: None))
+        cfg = ck.config
+        extra = {
+            "mp": plan.mp,
+            "mtp": plan.mtp,
+            "dtype": plan.dtype,
+            "experts_per_rank": cfg.n_routed_experts // plan.mp,
+        }
+        out.finish({"config.json": plan.model_args}, extra)
+    finally:
+        ck.close()
+    rep = plan.report(dry_run=False)
+    for f in rep.files:
+        f.status = "written" if f.rank in pending else "kept"
+    rep.bytes_read, rep.bytes_written, rep.seconds = read, written, round(time.monotonic() - t0, 3)
+    return rep
+
+
+def shard_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
     mp: int,
-    pending: list[int],
-    entries: list[list[tuple[str, str, tuple[int, ...]]]],
-    names: list[str],
-    dst: Path,
-    man: Manifest,
-    progress: Progress | None,
-) -> tuple[int, int]:
+    mtp: str = "drop",
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> ShardReport:
+    """Write the model-parallel layout of the HF checkpoint ``src`` for ``mp`` ranks into the new folder ``dst``
+    (``dry_run``: the plan only).
+
+    Resumes a run interrupted with the same arguments (finished rank files whose checksum still matches are
+    kept). ``progress`` receives the number of rank-file bytes written as they are written.
+    """
+    plan = plan_shard(src, dst, mp=mp, mtp=mtp)
+    if dry_run:
+        plan.ck.close()
+        return plan.report()
+    return run_shard(plan, progress)
+
+
+def _write_ranks(plan: ShardPlan, pending: list[int], out: Output, advance: Progress) -> tuple[int, int]:
     """Stream every input tensor once into the pending rank files; return (bytes read, bytes written)."""
     writers: dict[int, SafetensorsWriter] = {}
     pipe: _Pipe | None = None
     try:
         for r in pending:
-            writers[r] = SafetensorsWriter(dst / names[r], entries[r], {"format": "pt"})
-        rows = [it.info.nbytes // it.info.shape[0] for it in items if it.info.shape and it.info.shape[0]]
-        pipe = _Pipe(ck, writers, mp, max(CHUNK, *rows, 1), progress or (lambda n: None))
-        for it in items:
+            writers[r] = SafetensorsWriter(plan.output.dst / plan.names[r], plan.entries[r], {"format": "pt"})
+        rows = [it.info.nbytes // it.info.shape[0] for it in plan.items if it.info.shape and it.info.shape[0]]
+        pipe = _Pipe(plan.ck, writers, plan.mp, max(CHUNK, *rows, 1), advance)
+        for it in plan.items:
             if any(r in writers for r in it.ranks):
                 pipe.copy(it)
         pipe.close()
         for r in pending:  # record each as soon as it is complete: a kill from here on loses less
-            man.record(writers[r].finish(), rank=r, world=mp, tensors=len(entries[r]))
+            out.record(writers[r].finish(), rank=r, world=plan.mp, tensors=len(plan.entries[r]))
     except BaseException:
         # Ctrl-C or an error: stop the workers, leave no partial files; finished outputs stay recorded.
         if pipe is not None:
-            pipe.close(cancel=True)
+            pipe.abort()
         for w in writers.values():
             w.abort()
         raise
@@ -400,34 +333,49 @@ def _write_ranks(
 
 
 class _Pipe:
-    """Reads input chunks in the calling thread and hands them to one FIFO worker per rank file.
+    """Reads input chunks in the calling thread and hands them to one ``WriteBehind`` worker per rank file.
 
     Chunk k+1 is read while chunk k is written and hashed (file writes and sha256 release the GIL), so the
-    run approaches the read+write floor. Two read buffers alternate; a buffer is reused only after every
-    writer is done with it. A rank's worker is serial, so its file still receives bytes in planned order.
+    run approaches the read+write floor. Two read buffers alternate (a ``BufferRing``); a buffer is reused only
+    after every writer is done with it. A rank's worker is serial, so its file still receives bytes in planned order.
     """
 
     def __init__(
         self, ck: Checkpoint, writers: dict[int, SafetensorsWriter], mp: int, size: int, advance: Progress
     ) -> None:
         self.ck, self.writers, self.mp, self.advance = ck, writers, mp, advance
-        self.bufs = [torch.empty(size, dtype=torch.uint8) for _ in range(2)]
-        self.busy: list[list[Future]] = [[], []]  # work still using each buffer
-        self.k = 0
-        self.workers = {r: ThreadPoolExecutor(1, thread_name_prefix=f"shard-rank{r}") for r in writers}
+        self.stop = threading.Event()
+        self.ring = BufferRing([torch.empty(size, dtype=torch.uint8) for _ in range(2)], self.stop)
+        self.workers = {r: WriteBehind(self._job, depth=4, name=f"dsv3-shard-rank{r}", stop=self.stop) for r in writers}
         self.gather = {r: torch.empty(size // mp + 1, dtype=torch.uint8) for r in writers}  # split-1 pieces
         self.read = 0
 
-    def _next_buf(self) -> torch.Tensor:
-        slot = self.k % 2
-        self.k += 1
-        for f in self.busy[slot]:
-            f.result()  # re-raises a worker's error here
-        self.busy[slot] = []
-        return self.bufs[slot]
+    def _job(self, job: tuple) -> None:
+        fn, args, slot = job
+        try:
+            fn(*args)
+        finally:
+            if slot is not None:
+                self.ring.release(slot)
 
-    def _submit(self, r: int, fn: Callable, *args: object) -> None:
-        self.busy[(self.k - 1) % 2].append(self.workers[r].submit(fn, *args))
+    def _check(self) -> None:
+        err = first_error(self.workers.values())
+        if err is not None:
+            raise err
+
+    def _take(self, users: int) -> tuple[int, torch.Tensor]:
+        try:
+            return self.ring.take(users)
+        except Stopped:
+            self._check()
+            raise
+
+    def _send(self, r: int, slot: int | None, fn: Callable, *args: object) -> None:
+        try:
+            self.workers[r].put((fn, args, slot))
+        except Stopped:
+            self._check()
+            raise
 
     def copy(self, it: _Item) -> None:
         """Queue one input tensor's pieces for its target rank files, a chunk at a time."""
@@ -436,7 +384,7 @@ class _Pipe:
         nbytes = info.nbytes
         if nbytes == 0:
             for r in ranks:
-                self._submit(r, self.writers[r].write_raw, name, memoryview(b""))
+                self._send(r, None, self.writers[r].write_raw, name, memoryview(b""))
             return
         if it.name.split == 0:
             part = nbytes // mp  # rank r's rows are one contiguous byte range of the input
@@ -445,14 +393,14 @@ class _Pipe:
         elif it.name.split == 1:
             assert len(info.shape) == 2, info
             row = nbytes // info.shape[0]
-            step = max(1, self.bufs[0].numel() // row)
+            step = max(1, self.ring.buffers[0].numel() // row)
             for r0 in range(0, info.shape[0], step):
                 r1 = min(info.shape[0], r0 + step)
-                buf = self._next_buf()
+                slot, buf = self._take(len(ranks))
                 chunk = self.ck.read_bytes(info, r0 * row, r1 * row, out=buf).view(r1 - r0, mp, row // mp)
                 self.read += (r1 - r0) * row
                 for r in ranks:
-                    self._submit(r, self._gather_write, r, name, chunk)
+                    self._send(r, slot, self._gather_write, r, name, chunk)
                     self.advance((r1 - r0) * (row // mp))
         else:  # replicated, or a whole expert: the same bytes to every target
             self._stream(info, name, 0, nbytes, ranks)
@@ -463,20 +411,23 @@ class _Pipe:
         self.writers[r].write_part(name, memoryview(out.reshape(-1).numpy()))
 
     def _stream(self, info: TensorInfo, name: str, start: int, stop: int, ranks: list[int]) -> None:
-        step = self.bufs[0].numel()
+        step = self.ring.buffers[0].numel()
         for off in range(start, stop, step):
             end = min(stop, off + step)
-            mv = memoryview(self.ck.read_bytes(info, off, end, out=self._next_buf()).numpy())
+            slot, buf = self._take(len(ranks))
+            mv = memoryview(self.ck.read_bytes(info, off, end, out=buf).numpy())
             self.read += end - off
             for r in ranks:
-                self._submit(r, self.writers[r].write_part, name, mv)
+                self._send(r, slot, self.writers[r].write_part, name, mv)
                 self.advance(end - off)
 
-    def close(self, cancel: bool = False) -> None:
-        """Wait for (or, with ``cancel``, drop) queued work and stop the workers; re-raise a worker's error."""
+    def close(self) -> None:
+        """Wait for the queued work and stop the workers; re-raise a worker's error."""
         for w in self.workers.values():
-            w.shutdown(wait=True, cancel_futures=cancel)
-        if not cancel:
-            for slot in self.busy:
-                for f in slot:
-                    f.result()
+            w.close()
+        self._check()
+
+    def abort(self) -> None:
+        """Drop the queued work and wait for the workers to stop."""
+        for w in self.workers.values():
+            w.abort()

@@ -21,9 +21,10 @@ import torch
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
 from . import names as N
-from .checkpoint import INDEX_NAME, nbytes
 from .config import ModelConfig, QuantConfig
 from .errors import ConfigError, OutputError
+from .layout import INDEX_NAME
+from .stfile import nbytes
 from .writer import SafetensorsWriter, write_json_atomic
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -23,9 +22,10 @@ from pathlib import Path
 import torch
 
 from . import names as N
-from .checkpoint import DTYPES, MP_HF_CONFIG, MP_RE, Checkpoint, TensorInfo, open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, Dsv3Error, ShardingError, check_device
+from .errors import CheckpointError, ConfigError, Dsv3Error, ShardingError
+from .layout import MANIFEST_NAME, MP_HF_CONFIG, MP_RE
 from .reference import (
     PROJ_SEED,
     TIERS,
@@ -44,7 +44,9 @@ from .reference import (
 from .reference import (
     save_reference as write_reference,
 )
-from .writer import MANIFEST_NAME, TOOL_VERSION, read_manifest, sha256_file, source_fingerprint
+from .runtime import check_device, dist_info
+from .stfile import TensorInfo, torch_dtype
+from .writer import TOOL_VERSION, read_manifest, sha256_file, source_fingerprint
 
 Progress = Callable[[int], None]
 Log = Callable[[str], None]
@@ -182,7 +184,7 @@ def check_structure(
         return problems, warnings
     if ck.layout == "mp":
         problems += _check_model_args(ck)
-        if _dist()[0] == 0:  # reads a few small tensors of every rank file: one process does it
+        if dist_info()[0] == 0:  # reads a few small tensors of every rank file: one process does it
             problems += _check_replicas(ck, limit=None if checksums else 1 << 20)
     else:
         for rel, h in ck.headers.items():
@@ -216,7 +218,7 @@ def _check_model_args(ck: Checkpoint) -> list[dict]:
     cfg = ck.config
     # The geometry keys of the demo's ModelArgs, as shard writes them (max_seq_len is the user's to choose; dtype and
     # scale_fmt are checked below).
-    from .shard import demo_model_args
+    from .modelargs import demo_model_args
 
     want = {k: v for k, v in demo_model_args(cfg).items() if k not in ("max_seq_len", "dtype", "scale_fmt")}
     out = []
@@ -277,7 +279,7 @@ def _check_replicas(ck: Checkpoint, limit: int | None) -> list[dict]:
 def _check_scale_values(ck: Checkpoint) -> list[dict]:
     """Block scales are positive and finite (quantization never makes anything else). Under torchrun each rank
     reads only its own file."""
-    rank, world = _dist()
+    rank, world = dist_info()
     out = []
     for name in ck.tensors:
         if not name.endswith("_scale_inv"):
@@ -314,7 +316,7 @@ def check_checksums(ck: Checkpoint, progress: Progress | None = None) -> tuple[d
             etag = lines[1].strip().strip('"') if len(lines) > 1 else ""
             if re.fullmatch(r"[0-9a-f]{64}", etag) and rel not in want:  # LFS files: the etag is their sha256
                 want[rel] = (etag, "hub download metadata", None)
-    rank, world = _dist()
+    rank, world = dist_info()
     if world > 1:  # each rank re-hashes its own rank file; rank 0 also every other file
         mine = {rel for rel in want if (m := MP_RE.match(rel)) and int(m.group(1)) == rank}
         want = {k: v for k, v in want.items() if k in mine or (rank == 0 and not MP_RE.match(k))}
@@ -418,29 +420,6 @@ def _device_desc(device: str) -> str:
     return device
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str) -> tuple[int, int]:
-    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU); return (rank, world)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        cuda = device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _gather_problems(problems: list[dict]) -> list[dict]:
     """The union of every rank's problems, in rank order, without duplicates."""
     import torch.distributed as dist
@@ -484,17 +463,11 @@ def _compute_bytes(ck: Checkpoint, dtype: torch.dtype, gemm: str) -> tuple[dict[
         except CheckpointError:
             continue
         info = ck.tensors[name]
-        numel = math.prod(_full_shape(ck, name))
+        numel = math.prod(ck.full_shape(name))
         largest = max(largest, numel)
         size = 4 if info.dtype == "F32" else 1 if (info.dtype == "F8_E4M3" and gemm == "fp8") else esize
         out[layer] = out.get(layer, 0) + numel * size
     return out, largest
-
-
-def _full_shape(ck: Checkpoint, name: str) -> tuple[int, ...]:
-    from .checkpoint import _full_shape as full
-
-    return full(ck, name)
 
 
 def _available(device: str) -> int | None:
@@ -580,7 +553,7 @@ def weight_probe(ck: Checkpoint) -> dict[int, torch.Tensor]:
     from dsv3_tools.kernels.weight_dequant import weight_dequant_ref
 
     cfg = ck.config
-    rank, _ = _dist()
+    rank, _ = dist_info()
     b0, b1 = cfg.block_size
     out = {}
     for L in cfg.main_layers:
@@ -594,7 +567,7 @@ def weight_probe(ck: Checkpoint) -> dict[int, torch.Tensor]:
         scale = ck.read_info(sinfo) if sinfo is not None else None
         rows = []
         for r in range(0, M, b0):
-            w = ck.read_bytes(info, r * row_bytes, (r + 1) * row_bytes).view(DTYPES[info.dtype]).reshape(1, H)
+            w = ck.read_bytes(info, r * row_bytes, (r + 1) * row_bytes).view(torch_dtype(info.dtype)).reshape(1, H)
             if scale is not None:
                 rows.append(weight_dequant_ref(w, scale[r // b0 : r // b0 + 1], (b0, b1))[0])
             else:
@@ -652,7 +625,7 @@ def _run(
     from .model import run_model
 
     cfg = ck.config
-    rank, world = _dist()
+    rank, world = dist_info()
     L = cfg.num_hidden_layers
     P = projection.shape[1]
     norms = [torch.full((L + 1, len(r)), float("nan")) for r in ids]
@@ -863,7 +836,7 @@ def compare_tensors(
             out.append(TensorDiff(name, "extra", "in this checkpoint, not in the reference"))
     common = [n for n in ck.tensors if n in ref.tensors]
     for name in common:
-        a, b = _full_shape(ck, name), _full_shape(ref, name)
+        a, b = ck.full_shape(name), ref.full_shape(name)
         if a != b:
             out.append(TensorDiff(name, "shape", f"{list(a)} vs reference {list(b)}"))
     structural = {d.name for d in out}
@@ -997,7 +970,7 @@ def verify_checkpoint(
         raise Dsv3Error(f"--gemm must be bf16 or fp8 and --engine torch or triton (got {gemm!r}, {engine!r})")
     if topk is not None and topk < 1:
         raise Dsv3Error("--topk must be >= 1")
-    rank, world = _dist()
+    rank, world = dist_info()
     ck, cfg_problems = _open(ckpt)
     rep = VerifyReport(str(ckpt), ck.layout, ck.world)
     if world > 1 and (ck.layout != "mp" or ck.world != world):

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import DTYPE_NAMES, INDEX_NAME, nbytes
-from .disk import free_bytes  # noqa: F401  (re-exported: stages import it from here)
 from .errors import OutputError
+from .layout import MANIFEST_NAME
+from .pipeline import Stopped, WriteBehind, first_error, get_until
+from .stfile import Entry, dtype_name, plan_header
 
-MANIFEST_NAME = "dsv3-manifest.json"
 PARTIAL_SUFFIX = ".partial"
 TOOL_VERSION = __version__  # recorded in every manifest
 
@@ -46,13 +46,12 @@ def _hash_chunks(h: hashlib._Hash, data: memoryview, chunk: int = 1 << 24) -> No
 
 _ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the logical block size
 _STAGE = 16 << 20  # bytes per direct write; a multiple of _ALIGN
-_DONE = object()
 
 
 class _BackgroundSink:
-    """Hashes and writes appended chunks on helper threads (hash -> stage -> write), so that the caller's compute,
-    sha256, the staging copy and the disk all overlap. The caller hands each buffer over: it must not change it
-    after ``put``.
+    """Hashes and writes appended chunks on helper threads (hash -> stage -> write, ``pipeline.WriteBehind``
+    stages sharing one stop event), so that the caller's compute, sha256, the staging copy and the disk all overlap.
+    The caller hands each buffer over: it must not change it after ``put``.
 
     With ``direct``, data goes through page-aligned staging buffers to an ``O_DIRECT`` descriptor: on the VMs this
     was measured on, that writes faster than the page cache and leaves no dirty pages behind (see
@@ -71,77 +70,51 @@ class _BackgroundSink:
             except OSError:
                 self.dfd = -1
         self.pos = 0  # file offset of the next byte handed to the io thread
-        self.error: BaseException | None = None
         self._stop = threading.Event()
-        self._hq: queue.Queue = queue.Queue(maxsize=depth)
-        self._cq: queue.Queue = queue.Queue(maxsize=depth)  # hashed chunks to stage (direct mode)
-        self._wq: queue.Queue = queue.Queue(maxsize=2)
         self._free: queue.Queue = queue.Queue()
         if self.dfd >= 0:
             for _ in range(3):
                 self._free.put(mmap.mmap(-1, _STAGE))
         self._stage: mmap.mmap | None = None
         self._fill = 0
-        loops = [self._hash_loop, self._io_loop] + ([self._stage_loop] if self.dfd >= 0 else [])
-        self._threads = [threading.Thread(target=self._guard, args=(f,), daemon=True, name="dsv3-w") for f in loops]
-        for t in self._threads:
-            t.start()
-
-    # -- plumbing: every blocking call wakes up regularly to notice a failure elsewhere or an abort
-    def _guard(self, fn) -> None:
-        try:
-            fn()
-        except BaseException as e:  # re-raised in the caller's thread by check()
-            self.error = self.error or e
-            self._stop.set()
-
-    def _put(self, q: queue.Queue, item: object) -> None:
-        while not self._stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise _Stopped
-
-    def _get(self, q: queue.Queue) -> object:
-        while not self._stop.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        raise _Stopped
+        self._io = WriteBehind(self._write_item, depth=2, name="dsv3-w-io", stop=self._stop)
+        self._staging = (
+            WriteBehind(self._stage_chunk, depth=depth, name="dsv3-w-stage", on_end=self._flush_stage, stop=self._stop)
+            if self.dfd >= 0
+            else None
+        )
+        self._hash = WriteBehind(self._hash_chunk, depth=depth, name="dsv3-w-hash", stop=self._stop)
+        self._stages = [s for s in (self._hash, self._staging, self._io) if s is not None]
 
     def check(self) -> None:
-        if self.error is not None and not isinstance(self.error, _Stopped):
-            raise self.error
+        err = first_error(self._stages)
+        if err is not None:
+            raise err
 
     # -- caller side
     def put(self, mv: memoryview) -> None:
-        self.check()
         if len(mv):
             try:
-                self._put(self._hq, mv)
-            except _Stopped:
+                self._hash.put(mv)
+            except Stopped:
                 self.check()
                 raise
 
     def close(self) -> None:
         """Drain, write the tail, fsync; raise what a helper thread hit."""
         try:
-            self._put(self._hq, _DONE)
-        except _Stopped:
-            pass
-        for t in self._threads:
-            t.join()
-        self.check()
+            for s in self._stages:  # upstream first: each drains into the next
+                s.close()
+            self.check()
+        except BaseException:
+            self.abort()
+            raise
         os.fsync(self.fd)
         self._close_fds()
 
     def abort(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=5)
+        for s in self._stages:
+            s.abort()
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -151,63 +124,51 @@ class _BackgroundSink:
         self.fd = self.dfd = -1
 
     # -- helper threads
-    def _hash_loop(self) -> None:
-        nxt = self._cq if self.dfd >= 0 else self._wq
-        while True:
-            mv = self._get(self._hq)
-            if mv is _DONE:
-                self._put(nxt, _DONE)
-                return
-            _hash_chunks(self.h, mv)
-            self._put(nxt, mv)
+    def _hash_chunk(self, mv: memoryview) -> None:
+        _hash_chunks(self.h, mv)
+        (self._staging or self._io).put(mv)
 
-    def _stage_loop(self) -> None:
+    def _stage_chunk(self, mv: memoryview) -> None:
         import numpy as np  # numpy's copy releases the GIL (memoryview slice assignment would hold it)
 
-        while True:
-            mv = self._get(self._cq)
-            if mv is _DONE:
-                if self._stage is not None and self._fill:
-                    self._put(self._wq, (self._stage, self._fill))
-                self._put(self._wq, _DONE)
-                return
-            src = np.frombuffer(mv, dtype=np.uint8)
-            i = 0
-            while i < len(src):
-                if self._stage is None:
-                    self._stage = self._get(self._free)
-                    self._fill = 0
-                k = min(len(src) - i, _STAGE - self._fill)
-                np.copyto(np.frombuffer(self._stage, dtype=np.uint8)[self._fill : self._fill + k], src[i : i + k])
-                self._fill += k
-                i += k
-                if self._fill == _STAGE:
-                    self._put(self._wq, (self._stage, _STAGE))
-                    self._stage = None
+        src = np.frombuffer(mv, dtype=np.uint8)
+        i = 0
+        while i < len(src):
+            if self._stage is None:
+                self._stage = get_until(self._free, self._stop)
+                self._fill = 0
+            k = min(len(src) - i, _STAGE - self._fill)
+            np.copyto(np.frombuffer(self._stage, dtype=np.uint8)[self._fill : self._fill + k], src[i : i + k])
+            self._fill += k
+            i += k
+            if self._fill == _STAGE:
+                self._io.put((self._stage, _STAGE))
+                self._stage = None
 
-    def _io_loop(self) -> None:
-        while True:
-            item = self._get(self._wq)
-            if item is _DONE:
-                return
-            if isinstance(item, tuple):
-                buf, n = item
-                aligned = n - n % _ALIGN
-                if aligned:
-                    try:
-                        self._pwrite(self.dfd if self.dfd >= 0 else self.fd, memoryview(buf)[:aligned])
-                    except OSError as e:
-                        if e.errno != errno.EINVAL or self.dfd < 0:
-                            raise
-                        # Some file systems accept O_DIRECT at open and refuse the writes: go buffered.
-                        os.close(self.dfd)
-                        self.dfd = -1
-                        self._pwrite(self.fd, memoryview(buf)[:aligned])
-                if aligned < n:  # only the very last block can be short
-                    self._pwrite(self.fd, memoryview(buf)[aligned:n])
-                self._free.put(buf)
-            else:
-                self._pwrite(self.fd, item)
+    def _flush_stage(self) -> None:
+        if self._stage is not None and self._fill:
+            self._io.put((self._stage, self._fill))
+            self._stage = None
+
+    def _write_item(self, item: memoryview | tuple) -> None:
+        if not isinstance(item, tuple):
+            self._pwrite(self.fd, item)
+            return
+        buf, n = item
+        aligned = n - n % _ALIGN
+        if aligned:
+            try:
+                self._pwrite(self.dfd if self.dfd >= 0 else self.fd, memoryview(buf)[:aligned])
+            except OSError as e:
+                if e.errno != errno.EINVAL or self.dfd < 0:
+                    raise
+                # Some file systems accept O_DIRECT at open and refuse the writes: go buffered.
+                os.close(self.dfd)
+                self.dfd = -1
+                self._pwrite(self.fd, memoryview(buf)[:aligned])
+        if aligned < n:  # only the very last block can be short
+            self._pwrite(self.fd, memoryview(buf)[aligned:n])
+        self._free.put(buf)
 
     def _pwrite(self, fd: int, mv: memoryview) -> None:
         done = 0
@@ -216,33 +177,10 @@ class _BackgroundSink:
         self.pos += len(mv)
 
 
-class _Stopped(Exception):
-    """A helper thread saw the sink stop (abort, or a failure in the other thread)."""
-
-
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
     t = t.contiguous()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
-
-
-def plan_header(
-    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
-) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """Header bytes (8-byte length prefix included) and each tensor's data range, in the given order."""
-    hdr: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offsets: dict[str, tuple[int, int]] = {}
-    pos = 0
-    for name, dtype, shape in entries:
-        if name in offsets:
-            raise ValueError(f"duplicate tensor {name!r} in one file")
-        n = nbytes(dtype, shape)
-        offsets[name] = (pos, pos + n)
-        hdr[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    raw = json.dumps(hdr, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, offsets
 
 
 class SafetensorsWriter:
@@ -251,7 +189,7 @@ class SafetensorsWriter:
     def __init__(
         self,
         path: str | Path,
-        entries: list[tuple[str, str, tuple[int, ...]]],
+        entries: list[Entry],
         metadata: dict[str, str] | None = None,
         *,
         background: bool = False,
@@ -288,7 +226,7 @@ class SafetensorsWriter:
         if self._next >= len(self.entries) or self.entries[self._next][0] != name:
             raise AssertionError(f"write order: expected {self.next_name!r}, got {name!r}")
         _, dtype, shape = self.entries[self._next]
-        if DTYPE_NAMES[tensor.dtype] != dtype or tuple(tensor.shape) != tuple(shape):
+        if dtype_name(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
             raise AssertionError(f"{name}: planned {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
         self.write_raw(name, tensor_bytes(tensor))
 
@@ -358,37 +296,6 @@ def copy_file_atomic(src: Path, dst: Path, name: str | None = None) -> FileRecor
         os.fsync(f.fileno())
     os.replace(tmp, dst)
     return FileRecord(name or dst.name, dst.stat().st_size, sha256_file(dst))
-
-
-# Which of the input's other files travel with the weights. An HF-folder output (cast) keeps every one of them,
-# remote code included, so that it loads the way the input did. The model-parallel layout (shard) is not a folder
-# transformers can load: it keeps what the official demo reads beside the shards (tokenizer, generation config)
-# and the license and README.
-MP_SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "LICENSE*", "README*")
-NOT_SIDECARS = ("config.json", INDEX_NAME, MANIFEST_NAME)
-
-
-def check_separate(src: Path, dst: Path) -> None:
-    """Refuse an output folder that is the input, lies inside it, or contains it: inputs are never modified."""
-    s, d = Path(src).resolve(), Path(dst).resolve()
-    if d == s or s in d.parents or d in s.parents:
-        raise OutputError(f"{dst}: the output folder must be outside the input folder {src}, and not contain it")
-
-
-def sidecar_files(src: Path, patterns: tuple[str, ...] | None = None) -> list[str]:
-    """Relative paths (sorted) of the files of ``src`` to copy beside new weights: with ``patterns``, the top-level
-    files matching one; without, every file in any sub-folder. Never the weights, their index, ``config.json``
-    (each stage writes its own), the manifest, or hidden files (download caches, partial files)."""
-    out = []
-    found = (p for pat in patterns for p in src.glob(pat)) if patterns is not None else src.rglob("*")
-    for p in found:
-        rel = p.relative_to(src).as_posix()
-        if not p.is_file() or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if rel in NOT_SIDECARS or rel.endswith(".safetensors"):
-            continue
-        out.append(rel)
-    return sorted(set(out))
 
 
 def write_bytes_atomic(dst: Path, data: bytes) -> FileRecord:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from dsv3_tools import cast as C
 from dsv3_tools import names as N
-from dsv3_tools.checkpoint import INDEX_NAME, open_checkpoint
+from dsv3_tools import output as O
+from dsv3_tools.checkpoint import open_checkpoint
 from dsv3_tools.config import ModelConfig
 from dsv3_tools.errors import (
     CheckpointError,
@@ -30,7 +30,9 @@ from dsv3_tools.errors import (
     OutputError,
     ScaleShapeError,
 )
-from dsv3_tools.writer import MANIFEST_NAME, MP_SIDECAR_PATTERNS, SafetensorsWriter, sidecar_files
+from dsv3_tools.layout import INDEX_NAME, MANIFEST_NAME
+from dsv3_tools.output import MP_SIDECAR_PATTERNS, sidecar_files
+from dsv3_tools.writer import SafetensorsWriter
 
 
 # ---------------------------------------------------------------------- independent references
@@ -388,7 +390,7 @@ def test_dry_run_and_low_disk(tiny_fp8: Path, tmp_path: Path, monkeypatch: pytes
         set(json.loads((tiny_fp8 / INDEX_NAME).read_text())["weight_map"].values())
     )
     assert plan.bytes_out > plan.bytes_in > 0 and plan.free_bytes > 0 and plan.bytes_needed >= plan.bytes_out
-    monkeypatch.setattr(C, "free_bytes", lambda p: plan.bytes_out // 2)
+    monkeypatch.setattr(O, "free_bytes", lambda p: plan.bytes_out // 2)
     for dry in (True, False):
         with pytest.raises(OutputError, match="free"):
             C.cast_fp8_to_bf16(tiny_fp8, dst, device="cpu", dry_run=dry)
@@ -434,11 +436,41 @@ def test_gpu_and_cpu_give_the_same_bytes(tiny_fp8: Path, bf16_out: Path, tmp_pat
 
 
 # ---------------------------------------------------------------------- interruption
+# Runs the CLI and sends this process a signal (KILL, or INT for Ctrl-C) once one output file is finished and the
+# next one is partly written: the hooks live here, not in the product.
+KILLER = """
+import os, signal, sys, time
+from dsv3_tools import output, writer
+from dsv3_tools.cli import main
+sig = getattr(signal, "SIG" + sys.argv[1])
+finished = [0]
+orig_record = output.Output.record
+def record(self, rec, **info):
+    orig_record(self, rec, **info)
+    finished[0] += rec.name.endswith(".safetensors")
+output.Output.record = record
+orig_part = writer.SafetensorsWriter.write_part
+def write_part(self, name, data):
+    orig_part(self, name, data)
+    if finished[0] == 1:
+        finished[0] += 1
+        time.sleep(0.5)  # let the writer put some bytes in the partial file first
+        os.kill(os.getpid(), sig)
+writer.SafetensorsWriter.write_part = write_part
+sys.argv = ["dsv3-tools", *sys.argv[2:]]
+main()
+"""
+
+
+def _killed_cast(sig: str, src: Path, dst: Path) -> subprocess.CompletedProcess:
+    args = ["cast", "fp8-bf16", str(src), str(dst), "--device", "cpu", "--json"]
+    return subprocess.run([sys.executable, "-c", KILLER, sig, *args], capture_output=True, text=True)
+
+
 def test_sigkill_then_resume_is_byte_identical(tiny_fp8: Path, bf16_out: Path, tmp_path: Path) -> None:
     dst = tmp_path / "killed"
-    env = dict(os.environ, **{C.KILL_HOOK: "1"})
     cmd = [sys.executable, "-m", "dsv3_tools", "cast", "fp8-bf16", str(tiny_fp8), str(dst), "--device", "cpu", "--json"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = _killed_cast("KILL", tiny_fp8, dst)
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     man = json.loads((dst / MANIFEST_NAME).read_text())
     assert not man["complete"] and len(man["files"]) == 1, man["files"]
@@ -455,9 +487,7 @@ def test_sigkill_then_resume_is_byte_identical(tiny_fp8: Path, bf16_out: Path, t
 
 def test_cli_ctrl_c_exits_130_with_a_resume_hint(tiny_fp8: Path, tmp_path: Path) -> None:
     dst = tmp_path / "sigint"
-    env = dict(os.environ, **{C.KILL_HOOK: "1", C.KILL_SIGNAL: "INT"})
-    cmd = [sys.executable, "-m", "dsv3_tools", "cast", "fp8-bf16", str(tiny_fp8), str(dst), "--device", "cpu", "--json"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    r = _killed_cast("INT", tiny_fp8, dst)
     assert r.returncode == 130 and "run the same command again to resume" in r.stderr, (r.returncode, r.stderr)
     assert not list(dst.rglob("*.partial")) and not (dst / "config.json").exists()
     assert len(json.loads((dst / MANIFEST_NAME).read_text())["files"]) == 1

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from dsv3_tools import names as N
+from dsv3_tools import output as O
 from dsv3_tools import shard as S
 from dsv3_tools.checkpoint import open_checkpoint
 from dsv3_tools.config import ModelConfig
@@ -255,7 +256,7 @@ def test_dry_run_and_disk_check(tiny_fp8: Path, tmp_path: Path, monkeypatch: pyt
     assert [f.bytes for f in plan.files] == [(tmp_path / "real" / f.name).stat().st_size for f in real.files]
     assert plan.bytes_read == real.bytes_read and plan.bytes_written == real.bytes_written
 
-    monkeypatch.setattr(S, "free_bytes", lambda p: 1000)
+    monkeypatch.setattr(O, "free_bytes", lambda p: 1000)
     assert not S.shard_checkpoint(tiny_fp8, dst, mp=2, dry_run=True).fits
     with pytest.raises(OutputError, match="free space"):
         S.shard_checkpoint(tiny_fp8, dst, mp=2)

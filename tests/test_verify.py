@@ -481,10 +481,10 @@ def test_unusable_device_is_a_one_line_error(tiny_fp8: Path) -> None:
 def test_world_size_must_match_the_shards(mp2: Path, tiny_fp8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dsv3_tools.verify as V
 
-    monkeypatch.setattr(V, "_dist", lambda: (0, 2))  # as if torchrun had started 2 processes
+    monkeypatch.setattr(V, "dist_info", lambda: (0, 2))  # as if torchrun had started 2 processes
     with pytest.raises(ShardingError, match="torchrun started 2 processes but .* hf-sharded checkpoint"):
         verify_checkpoint(tiny_fp8)
-    monkeypatch.setattr(V, "_dist", lambda: (0, 4))
+    monkeypatch.setattr(V, "dist_info", lambda: (0, 4))
     with pytest.raises(ShardingError, match="MP-2 checkpoint: run one process per rank file"):
         verify_checkpoint(mp2)
 
