@@ -212,7 +212,15 @@ def main() -> int:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        r = verify_checkpoint(ckpt, device=args.device, engine=engine, stream=True, dtype=args.dtype, log=print, **kw)
+        r = verify_checkpoint(
+            ckpt,
+            device=args.device,
+            engine=engine,
+            stream=True,
+            dtype=args.dtype,
+            notify=lambda e, d: print(e, d if e != "structure" else ""),
+            **kw,
+        )
         s = time.perf_counter() - t
         peak = torch.cuda.max_memory_allocated() if cuda else None
         reserved = torch.cuda.max_memory_reserved() if cuda else None

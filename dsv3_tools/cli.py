@@ -55,33 +55,14 @@ def synth(
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
     from . import report
-    from .config import ModelConfig
-    from .names import expected_tensors
-    from .stfile import nbytes
-    from .synth import derive_config
-    from .synth import synth as run
+    from .synth import plan_synth, run_synth
 
-    cfg = derive_config(
-        ModelConfig.load(config), dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp
+    plan = plan_synth(
+        out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp, scale_fmt=scale_fmt
     )
-    total = sum(nbytes(s.dtype, s.shape) for s in expected_tensors(cfg).values())
-    with report.byte_progress(total, "synth", enabled=not json_) as advance:
-        r = run(
-            out,
-            config,
-            dtype=dtype,
-            seed=seed,
-            shards=shards,
-            layers=layers,
-            experts=experts,
-            mtp=mtp,
-            scale_fmt=scale_fmt,
-            progress=advance,
-        )
-    if json_:
-        report.print_json(r)
-    else:
-        report.info(f"wrote {r.tensors} tensors, {report.human_bytes(r.bytes)} in {r.files} file(s) to {r.path}")
+    with report.byte_progress(plan.bytes, "synth", enabled=not json_) as advance:
+        r = run_synth(plan, progress=advance)
+    report.emit(r, json_, report.render_synth)
 
 
 @app.command()
@@ -94,10 +75,7 @@ def inspect(
     from .inspect import inspect_checkpoint
 
     r = inspect_checkpoint(ckpt)
-    if json_:
-        report.print_json(r)
-    else:
-        report.render_inspect(r)
+    report.emit(r, json_, report.render_inspect)
     raise typer.Exit(0 if r.ok else 1)
 
 
@@ -121,9 +99,10 @@ def download(
 ) -> None:
     """Fetch a Hub repository resumably and check every file against the Hub. Exit 0 intact, 1 problems, 2 error."""
     from . import report
-    from .download import download as run
+    from .download import plan_download, run_download
 
-    kw = dict(
+    plan = plan_download(
+        repo_id,
         local_dir=local_dir,
         revision=revision,
         include=include or (),
@@ -131,74 +110,21 @@ def download(
         max_workers=max_workers,
         verify=not no_verify,
         repair=repair,
-        force=force,
     )
-    plan = run(repo_id, dry_run=True, **kw)
+    r = plan.report
     if not json_:
-        _download_plan(plan)
-    if dry_run or plan.offline:
+        report.render_download_plan(r)
+    if dry_run or r.offline:
         if json_:
-            report.print_json(plan)
-        elif plan.offline:
-            _download_summary(plan)
-        raise typer.Exit(0 if plan.ok else 1)
-
-    def done(f) -> None:
-        if not json_ and f.state != "present":
-            rate = f"{report.human_bytes(f.transferred / f.seconds)}/s" if f.seconds > 0 else ""
-            line = f"{f.state:>8}  {f.name}  {report.human_bytes(f.transferred)} in {f.seconds:.1f} s {rate}"
-            (report.error if f.problem else report.info)(line + (f": {f.problem}" if f.problem else ""))
-
-    with report.byte_progress(plan.need_bytes, "download", enabled=not json_ and plan.need_bytes > 0) as advance:
-        r = run(repo_id, progress=advance, on_file=done, **kw)
-    if json_:
-        report.print_json(r)
-    else:
-        _download_summary(r)
+            report.print_json(r)
+        elif r.offline:
+            report.render_download_result(r)
+        raise typer.Exit(0 if r.ok else 1)
+    on_file = None if json_ else report.render_download_file
+    with report.byte_progress(r.need_bytes, "download", enabled=not json_ and r.need_bytes > 0) as advance:
+        r = run_download(plan, force=force, progress=advance, on_file=on_file)
+    report.emit(r, json_, report.render_download_result)
     raise typer.Exit(0 if r.ok else 1)
-
-
-def _download_plan(p) -> None:
-    from . import report
-
-    states = {s: sum(f.state == s for f in p.files) for s in ("present", "planned")}
-    rows = [
-        ("repository", f"{p.repo_id} @ {p.revision}" + (f" ({p.commit[:12]})" if p.commit else "")),
-        ("destination", p.destination),
-        ("files", f"{len(p.files)} selected, {states['present']} present, {states['planned']} to fetch"),
-        (
-            "bytes",
-            f"{report.human_bytes(p.total_bytes)} in all, {report.human_bytes(p.present_bytes)} present, "
-            f"{report.human_bytes(p.resume_bytes)} resumable",
-        ),
-        ("to download", report.human_bytes(p.need_bytes)),
-        (
-            "free space",
-            f"{report.human_bytes(p.free_bytes)} (margin {report.human_bytes(p.margin_bytes)})"
-            + ("" if p.fits else ": NOT ENOUGH (--force to try anyway)"),
-        ),
-    ]
-    if p.offline:
-        rows = [rows[0], rows[1], ("mode", "offline (HF_HUB_OFFLINE=1): checking the local copy only")]
-    report.kv_table("download plan", rows)
-
-
-def _download_summary(r) -> None:
-    from . import report
-
-    counts = {}
-    for f in r.files:
-        counts[f.state] = counts.get(f.state, 0) + 1
-    report.info(
-        ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        + f"; received {report.human_bytes(r.transferred_bytes)} in {r.seconds:.1f} s"
-        + (f" ({report.human_bytes(r.throughput)}/s)" if r.throughput else "")
-        + f" -> {r.destination}"
-    )
-    for p in r.problems:
-        report.error(f"{p['kind']}: {p['file'] or ''}: {p['message']}")
-    if r.problems:
-        report.error("run the same command again (add --repair to re-check files already present) to fix these")
 
 
 @app.command()
@@ -212,37 +138,18 @@ def shard(
 ) -> None:
     """Stream a checkpoint into the official model-parallel layout (one file per rank), in bounded memory."""
     from . import report
-    from .shard import shard_checkpoint
+    from .shard import plan_shard, run_shard
 
-    plan = shard_checkpoint(src, dst, mp=mp, mtp=mtp, dry_run=True)
+    plan = plan_shard(src, dst, mp=mp, mtp=mtp)
     if dry_run:
-        if json_:
-            report.print_json(plan)
-        else:
-            rows = [(f.name, f"{f.tensors} tensors, {report.human_bytes(f.bytes)} ({f.status})") for f in plan.files]
-            rows += [
-                ("input", f"{plan.dtype}, {plan.tensors_in} tensors ({plan.tensors_mtp_dropped} MTP dropped)"),
-                ("to read", report.human_bytes(plan.bytes_read)),
-                ("to write", report.human_bytes(plan.bytes_written)),
-                ("disk", f"needs {report.human_bytes(plan.bytes_needed)}, {report.human_bytes(plan.free_bytes)} free"),
-                ("valid --mp", ", ".join(map(str, plan.valid_mp))),
-                ("sidecars", ", ".join(plan.sidecars)),
-            ]
-            report.kv_table(f"shard plan: --mp {mp} --mtp {mtp}", rows)
-        if not plan.fits:
-            report.error(f"{dst}: not enough free space ({plan.bytes_needed} bytes needed, {plan.free_bytes} free)")
-            raise typer.Exit(2)
+        r = plan.report()
+        report.emit(r, json_, report.render_shard_plan)
+        plan.output.check_space()
         return
-    with report.byte_progress(plan.bytes_written, f"shard mp{mp}", enabled=not json_) as advance:
-        r = shard_checkpoint(src, dst, mp=mp, mtp=mtp, progress=advance)
-    if json_:
-        report.print_json(r)
-    else:
-        kept = sum(f.status == "kept" for f in r.files)
-        report.info(
-            f"wrote {mp - kept} rank file(s) ({report.human_bytes(r.bytes_written)}), kept {kept}, "
-            f"read {report.human_bytes(r.bytes_read)} in {r.seconds:.1f} s to {r.dst}"
-        )
+    plan.output.check_space()  # before the progress bar is drawn
+    with report.byte_progress(plan.report().bytes_written, f"shard mp{mp}", enabled=not json_) as advance:
+        r = run_shard(plan, progress=advance)
+    report.emit(r, json_, report.render_shard_result)
 
 
 @app.command()
@@ -276,17 +183,12 @@ def verify(
     json_: JsonOpt = False,
 ) -> None:
     """Check a checkpoint's structure and compare its logits with a reference. Exit 0 pass, 1 fail, 2 bad input."""
-    import torch
-
     from . import report
-    from .runtime import check_device, init_distributed
+    from .runtime import init_distributed, resolve_device, resolve_engine
     from .verify import planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(device)
-    if engine == "auto":
-        engine = "triton" if device.startswith("cuda") else "torch"
+    device = resolve_device(device)
+    engine = resolve_engine(engine, device)
     rank, _ = init_distributed(device)
     lead = rank == 0
     texts = read_prompts_file(prompts) if prompts is not None else None
@@ -312,13 +214,10 @@ def verify(
             topk=topk,
             dtype=dtype,
             progress=advance,
-            log=report.info if lead and not json_ else None,
+            notify=report.verify_event if lead and not json_ else None,
         )
     if lead:
-        if json_:
-            report.print_json(r)
-        else:
-            report.render_verify(r)
+        report.emit(r, json_, report.render_verify)
     raise typer.Exit(r.exit_code)
 
 
@@ -328,36 +227,20 @@ MtpOpt = Annotated[str, typer.Option(help="keep (default) or drop the MTP layer 
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (files, bytes, free disk) only.")]
 
 
-def _cast_cli(run, src: Path, dst: Path, dry_run: bool, json_: bool, label: str) -> None:
-    """Shared by both casts: plan (refusing early when the disk is too small), then run with a progress bar."""
+def _cast(plan, dry_run: bool, json_: bool, label: str) -> None:
+    """Shared by both casts: the plan (refused early when the disk is too small), then the run with a progress bar."""
     from . import report
+    from .cast import run_cast
 
-    plan = run(dry_run=True)
     if dry_run:
-        if json_:
-            report.print_json(plan)
-            return
-        rows = [(f.name, f"{f.tensors} tensors, {report.human_bytes(f.bytes_out)} ({f.status})") for f in plan.files]
-        rows += [
-            ("tensors", f"{plan.tensors_cast} cast, {plan.tensors_copied} copied, {plan.tensors_dropped} dropped"),
-            ("to read", report.human_bytes(plan.bytes_in)),
-            ("to write", report.human_bytes(plan.bytes_out)),
-            ("disk", f"needs {report.human_bytes(plan.bytes_needed)}, {report.human_bytes(plan.free_bytes)} free"),
-            ("device", plan.device),
-            ("sidecars", ", ".join(plan.sidecars)),
-        ]
-        report.kv_table(f"cast {label}: {src} -> {dst}", rows)
+        r = plan.report()
+        report.print_json(r) if json_ else report.render_cast_plan(r, label)
+        plan.output.check_space()
         return
-    with report.byte_progress(plan.bytes_in, f"cast {label}", enabled=not json_) as advance:
-        r = run(dry_run=False, progress=advance)
-    if json_:
-        report.print_json(r)
-    else:
-        written = sum(f.status == "written" for f in r.files)
-        report.info(
-            f"cast {r.tensors_cast} tensors, wrote {written} file(s) ({report.human_bytes(r.bytes_out)}), "
-            f"kept {len(r.kept)}, on {r.device} in {r.seconds:.1f} s to {r.dst}"
-        )
+    plan.output.check_space()  # before the progress bar is drawn
+    with report.byte_progress(plan.report().bytes_in, f"cast {label}", enabled=not json_) as advance:
+        r = run_cast(plan, progress=advance)
+    report.emit(r, json_, report.render_cast_result)
 
 
 @cast_app.command("fp8-bf16")
@@ -371,12 +254,9 @@ def cast_fp8_bf16(
     json_: JsonOpt = False,
 ) -> None:
     """Dequantize every FP8 weight to BF16 (bf16(w * s), exact); a complete, loadable HF folder."""
-    from .cast import cast_fp8_to_bf16
+    from .cast import plan_fp8_to_bf16
 
-    def run(**kw):
-        return cast_fp8_to_bf16(src, dst, device=device, workers=workers, mtp=mtp, **kw)
-
-    _cast_cli(run, src, dst, dry_run, json_, "fp8-bf16")
+    _cast(plan_fp8_to_bf16(src, dst, device=device, workers=workers, mtp=mtp), dry_run, json_, "fp8-bf16")
 
 
 @cast_app.command("bf16-fp8")
@@ -398,12 +278,10 @@ def cast_bf16_fp8(
     json_: JsonOpt = False,
 ) -> None:
     """Re-quantize to DeepSeek block-FP8: exactly the weights that were FP8 (from the fp8-bf16 manifest)."""
-    from .cast import cast_bf16_to_fp8
+    from .cast import plan_bf16_to_fp8
 
-    def run(**kw):
-        return cast_bf16_to_fp8(src, dst, scale_fmt=scale_fmt, ignore=tuple(ignore or ()), mtp=mtp, **kw)
-
-    _cast_cli(run, src, dst, dry_run, json_, "bf16-fp8")
+    plan = plan_bf16_to_fp8(src, dst, scale_fmt=scale_fmt, ignore=tuple(ignore or ()), mtp=mtp)
+    _cast(plan, dry_run, json_, "bf16-fp8")
 
 
 @app.command()

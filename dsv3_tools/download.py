@@ -98,7 +98,27 @@ class DownloadReport:
         return d
 
 
-def download(
+@dataclass
+class DownloadPlan:
+    """What a download will do, from one listing of the repository: the report so far (files, bytes, free space)
+    and how to continue. Offline, the report is already the outcome (a check of the local copy)."""
+
+    report: DownloadReport
+    layout: object = field(repr=False, default=None)  # _LocalDir | _Cache (None offline)
+    repo_names: set[str] = field(default_factory=set, repr=False)
+    options: dict = field(default_factory=dict, repr=False)  # endpoint, token, cache_dir, workers, verify, repair
+
+    def check_space(self, force: bool = False) -> None:
+        r = self.report
+        if not r.fits and not force:
+            raise OutputError(
+                f"not enough space at {self.layout.space_root}: {r.need_bytes / 1e9:.2f} GB to download + "
+                f"{r.margin_bytes / 1e9:.2f} GB margin, {r.free_bytes / 1e9:.2f} GB free "
+                "(free some space, choose another --local-dir, or pass --force)"
+            )
+
+
+def plan_download(
     repo_id: str,
     *,
     local_dir: str | Path | None = None,
@@ -106,28 +126,17 @@ def download(
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
     max_workers: int = 8,
-    dry_run: bool = False,
     verify: bool = True,
     repair: bool = False,
-    force: bool = False,
-    progress: Callable[[int], None] | None = None,
-    on_file: Callable[[FileEntry], None] | None = None,
     endpoint: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | Path | None = None,
     offline: bool | None = None,
-) -> DownloadReport:
-    """Fetch ``repo_id`` at ``revision`` into ``local_dir`` (or the HF cache) and check every file against the Hub.
-
-    Plans first (files, bytes still needed, free space) and refuses with ``OutputError`` when the disk cannot hold
-    the plan with a margin, unless ``force``; ``dry_run`` returns the plan. Complete files are kept, partial ones
-    continue with a Range request. With ``verify`` each fetched file is checked (size, LFS sha256 or git blob id,
-    safetensors header) before it is moved into place, and every file the index names must be present.
-    ``repair`` also re-hashes files already present and fetches again any that fail (offline: names them, against
-    the sha256 / blob id recorded when they were fetched). ``progress(n)`` is called
-    with the bytes received; ``on_file(entry)`` when a file is done. Endpoint, token, cache and offline mode default
-    to huggingface_hub's settings (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE``).
-    """
+) -> DownloadPlan:
+    """List ``repo_id`` at ``revision`` once and plan its download into ``local_dir`` (or the HF cache): which files
+    are complete, which partial, what is left, and the free space (nothing is written). Offline: check the local
+    copy instead (``plan.report`` is the outcome). Endpoint, token, cache and offline mode default to
+    huggingface_hub's settings (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HOME``, ``HF_HUB_OFFLINE``)."""
     from huggingface_hub import constants
 
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
@@ -137,9 +146,8 @@ def download(
     if offline is None:
         offline = constants.is_offline_mode()
     if offline:
-        return _offline(repo_id, revision, local, cache_dir, allow, ignore, verify, repair)
+        return DownloadPlan(_offline(repo_id, revision, local, cache_dir, allow, ignore, verify, repair))
 
-    t0 = time.monotonic()
     commit, files, repo_names = _list_files(repo_id, revision, endpoint, token, allow, ignore)
     layout = _LocalDir(local, commit) if local is not None else _Cache(cache_dir, repo_id, commit)
     r = DownloadReport(
@@ -148,46 +156,100 @@ def download(
         commit=commit,
         destination=str(layout.destination),
         mode=layout.mode,
-        dry_run=dry_run,
+        dry_run=True,
         files=files,
     )
     if files:
         _check_access(repo_id, commit, files[0].name, endpoint, token)
-
     # Preflight: what is already here (complete, partial), what is left, and whether it fits.
     for f in files:
-        _classify(layout, f, dry_run=dry_run, repair=repair)
+        _classify(layout, f, dry_run=True, repair=repair)
+    _tally(r, layout)
+    opts = dict(
+        endpoint=endpoint,
+        token=token,
+        cache_dir=cache_dir,
+        max_workers=max_workers,
+        verify=verify,
+        repair=repair,
+        revision=revision,
+    )
+    return DownloadPlan(r, layout, repo_names, opts)
+
+
+def _tally(r: DownloadReport, layout) -> None:
+    """The plan's byte counts from the files' states, and the free space with its margin."""
+    files = r.files
     r.total_bytes = sum(f.size for f in files)
     r.present_bytes = sum(f.size for f in files if f.state == "present")
     r.resume_bytes = sum(f.resumed_from for f in files if f.state == "planned")
     r.need_bytes = sum(f.size - f.resumed_from for f in files if f.state == "planned")
     r.free_bytes = free_bytes(layout.space_root)
     r.margin_bytes = max(SPACE_MARGIN_MIN, int(r.need_bytes * SPACE_MARGIN_FRACTION)) if r.need_bytes else 0
-    if dry_run:
+
+
+def run_download(
+    plan: DownloadPlan,
+    *,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_file: Callable[[FileEntry], None] | None = None,
+) -> DownloadReport:
+    """Carry out ``plan``: refuse when the disk cannot hold it with a margin (unless ``force``), keep complete
+    files, continue partial ones with a Range request, and with ``verify`` check each fetched file (size, LFS sha256
+    or git blob id, safetensors header) before it is moved into place, and that every file the index names is
+    present. ``repair`` also re-hashes files already present and fetches again any that fail. ``progress(n)`` gets
+    the bytes received; ``on_file(entry)`` each file as it is done."""
+    r = plan.report
+    if r.offline:
         return r
-    if not r.fits and not force:
-        raise OutputError(
-            f"not enough space at {layout.space_root}: {_gb(r.need_bytes)} to download + {_gb(r.margin_bytes)} margin, "
-            f"{_gb(r.free_bytes)} free (free some space, choose another --local-dir, or pass --force)"
-        )
-
+    t0 = time.monotonic()
+    layout, o = plan.layout, plan.options
+    r.dry_run = False
+    files = r.files
+    for f in files:  # now for real: adopt files proven complete, drop bad partials (the plan only looked)
+        f.state, f.resumed_from = "planned", 0
+        _classify(layout, f, dry_run=False, repair=o["repair"])
+    _tally(r, layout)
+    plan.check_space(force)
     todo = sorted((f for f in files if f.state == "planned"), key=lambda f: -f.size)
-    _transfer(layout, todo, repo_id, commit, endpoint, token, max_workers, verify, repair, progress, on_file)
-
+    _transfer(
+        layout, todo, r.repo_id, r.commit, o["endpoint"], o["token"], o["max_workers"], o["verify"], o["repair"],
+        progress, on_file,
+    )  # fmt: skip
     good = [f for f in files if f.state in ("present", "fetched", "resumed")]
     for f in files:
         if f.problem:
             r.problems.append({"kind": f.state, "file": f.name, "message": f.problem})
-    if verify:
-        r.problems += _index_problems(layout.final, files, repo_names)
+    if o["verify"]:
+        r.problems += _index_problems(layout.final, files, plan.repo_names)
     if good:
         try:
-            _register(layout, repo_id, revision, commit, good, endpoint, token, cache_dir, max_workers)
+            _register(
+                layout, r.repo_id, o["revision"], r.commit, good, o["endpoint"], o["token"], o["cache_dir"],
+                o["max_workers"],
+            )  # fmt: skip
         except Exception as e:  # the files are intact; the next run records them
             r.problems.append({"kind": "register", "file": None, "message": f"{type(e).__name__}: {e}".splitlines()[0]})
     r.transferred_bytes = sum(f.transferred for f in files)
     r.seconds = time.monotonic() - t0
     return r
+
+
+def download(
+    repo_id: str,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+    on_file: Callable[[FileEntry], None] | None = None,
+    **kw,
+) -> DownloadReport:
+    """Plan and run a download (``dry_run``: the plan only); see ``plan_download`` and ``run_download``."""
+    plan = plan_download(repo_id, **kw)
+    if dry_run:
+        return plan.report
+    return run_download(plan, force=force, progress=progress, on_file=on_file)
 
 
 # --- where files live ------------------------------------------------------------------------------------------
@@ -765,7 +827,3 @@ def _recorded_etag(p: Path, name: str, local: Path | None) -> str | None:
         meta = read_download_metadata(local, name)
         etag = meta.etag if meta else ""
     return etag if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", etag) else None
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"

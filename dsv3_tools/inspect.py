@@ -91,7 +91,7 @@ def inspect_checkpoint(path: str | Path) -> InspectReport:
         for info in _unique_pieces(name, infos, ck.layout):
             dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
             nbytes[part] += info.nbytes
-            if not name.endswith("_scale_inv"):
+            if not N.is_scale(name):
                 params[part] += info.numel
     q = None
     if cfg is not None and cfg.quant is not None:

@@ -1,4 +1,9 @@
-"""Rendering for people: progress bars, tables, one-line errors. The only module that imports ``rich``."""
+"""Rendering for people: progress bars, tables, one-line errors. The only module that imports ``rich``.
+
+Every command's plan and result is a dataclass made by its stage; this module shows them. Tables go to stdout, the
+progress bars and one-line messages to stderr. When stdout is not a terminal (a pipe, a file), tables are laid out
+without a width limit, so no cell is wrapped or cut: ``dsv3-tools inspect DIR | grep ...`` sees each line whole.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -21,16 +27,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+from .disk import human_bytes
+
+_UNLIMITED = 1 << 20  # columns: a table laid out for a pipe or a file never wraps
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=None if tty else _UNLIMITED, soft_wrap=not tty)
+
+
+console = _console(stderr=True)
+out = _console(stderr=False)
 
 
 def human_count(n: float) -> str:
@@ -77,8 +86,16 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def emit(obj: Any, json_: bool, render: Callable[[Any], None]) -> None:
+    """A command's plan or result: as JSON on stdout, or rendered for people."""
+    if json_:
+        print_json(obj)
+    else:
+        render(obj)
+
+
 def error(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
 
 
 def info(msg: str) -> None:
@@ -90,7 +107,7 @@ def kv_table(title: str, rows: list[tuple[str, Any]]) -> None:
     t.add_column(style="bold")
     t.add_column()
     for k, v in rows:
-        t.add_row(k, str(v))
+        t.add_row(escape(k), escape(str(v)))
     out.print(t)
 
 
@@ -100,10 +117,15 @@ def problems_table(problems: list[dict], what: str, limit: int) -> None:
     for c in ("kind", "file", "tensor", "message"):
         t.add_column(c, overflow="fold")
     for p in problems[:limit]:
-        t.add_row(p["kind"], p.get("file") or "", p.get("tensor") or "", p["message"])
+        t.add_row(*(escape(str(x)) for x in (p["kind"], p.get("file") or "", p.get("tensor") or "", p["message"])))
     out.print(t)
     if len(problems) > limit:
         out.print(f"... and {len(problems) - limit} more (use --json for all)")
+
+
+# ---------------------------------------------------------------------- synth, inspect
+def render_synth(r: Any) -> None:
+    info(f"wrote {r.tensors} tensors, {human_bytes(r.bytes)} in {r.files} file(s) to {r.path}")
 
 
 def render_inspect(r: Any) -> None:
@@ -130,6 +152,131 @@ def render_inspect(r: Any) -> None:
         out.print("[bold green]no problems found[/]")
 
 
+# ---------------------------------------------------------------------- cast, shard
+def _disk_row(needed: int, free: int) -> tuple[str, str]:
+    return ("disk", f"needs {human_bytes(needed)}, {human_bytes(free)} free")
+
+
+def render_cast_plan(plan: Any, label: str) -> None:
+    """A cast's dry run: every output file, what is read and written, the disk, the device."""
+    rows = [(f.name, f"{f.tensors} tensors, {human_bytes(f.bytes_out)} ({f.status})") for f in plan.files]
+    rows += [
+        ("tensors", f"{plan.tensors_cast} cast, {plan.tensors_copied} copied, {plan.tensors_dropped} dropped"),
+        ("to read", human_bytes(plan.bytes_in)),
+        ("to write", human_bytes(plan.bytes_out)),
+        _disk_row(plan.bytes_needed, plan.free_bytes),
+        ("device", plan.device),
+        ("sidecars", ", ".join(plan.sidecars)),
+    ]
+    kv_table(f"cast {label}: {plan.src} -> {plan.dst}", rows)
+
+
+def render_cast_result(r: Any) -> None:
+    written = sum(f.status == "written" for f in r.files)
+    info(
+        f"cast {r.tensors_cast} tensors, wrote {written} file(s) ({human_bytes(r.bytes_out)}), "
+        f"kept {len(r.kept)}, on {r.device} in {r.seconds:.1f} s to {r.dst}"
+    )
+
+
+def render_shard_plan(plan: Any) -> None:
+    """A shard's dry run: every rank file, what is read and written, the disk, the degrees that work."""
+    rows = [(f.name, f"{f.tensors} tensors, {human_bytes(f.bytes)} ({f.status})") for f in plan.files]
+    rows += [
+        ("input", f"{plan.dtype}, {plan.tensors_in} tensors ({plan.tensors_mtp_dropped} MTP dropped)"),
+        ("to read", human_bytes(plan.bytes_read)),
+        ("to write", human_bytes(plan.bytes_written)),
+        _disk_row(plan.bytes_needed, plan.free_bytes),
+        ("valid --mp", ", ".join(map(str, plan.valid_mp))),
+        ("sidecars", ", ".join(plan.sidecars)),
+    ]
+    kv_table(f"shard plan: --mp {plan.mp} --mtp {plan.mtp}", rows)
+
+
+def render_shard_result(r: Any) -> None:
+    kept = sum(f.status == "kept" for f in r.files)
+    info(
+        f"wrote {r.mp - kept} rank file(s) ({human_bytes(r.bytes_written)}), kept {kept}, "
+        f"read {human_bytes(r.bytes_read)} in {r.seconds:.1f} s to {r.dst}"
+    )
+
+
+# ---------------------------------------------------------------------- download
+def render_download_plan(p: Any) -> None:
+    states = {s: sum(f.state == s for f in p.files) for s in ("present", "planned")}
+    rows = [
+        ("repository", f"{p.repo_id} @ {p.revision}" + (f" ({p.commit[:12]})" if p.commit else "")),
+        ("destination", p.destination),
+        ("files", f"{len(p.files)} selected, {states['present']} present, {states['planned']} to fetch"),
+        (
+            "bytes",
+            f"{human_bytes(p.total_bytes)} in all, {human_bytes(p.present_bytes)} present, "
+            f"{human_bytes(p.resume_bytes)} resumable",
+        ),
+        ("to download", human_bytes(p.need_bytes)),
+        (
+            "free space",
+            f"{human_bytes(p.free_bytes)} (margin {human_bytes(p.margin_bytes)})"
+            + ("" if p.fits else ": NOT ENOUGH (--force to try anyway)"),
+        ),
+    ]
+    if p.offline:
+        rows = [rows[0], rows[1], ("mode", "offline (HF_HUB_OFFLINE=1): checking the local copy only")]
+    kv_table("download plan", rows)
+
+
+def render_download_file(f: Any) -> None:
+    """One line per file as it is done (files already present say nothing)."""
+    if f.state == "present":
+        return
+    rate = f"{human_bytes(f.transferred / f.seconds)}/s" if f.seconds > 0 else ""
+    line = f"{f.state:>8}  {f.name}  {human_bytes(f.transferred)} in {f.seconds:.1f} s {rate}"
+    (error if f.problem else info)(line + (f": {f.problem}" if f.problem else ""))
+
+
+def render_download_result(r: Any) -> None:
+    counts: dict[str, int] = {}
+    for f in r.files:
+        counts[f.state] = counts.get(f.state, 0) + 1
+    info(
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + f"; received {human_bytes(r.transferred_bytes)} in {r.seconds:.1f} s"
+        + (f" ({human_bytes(r.throughput)}/s)" if r.throughput else "")
+        + f" -> {r.destination}"
+    )
+    for p in r.problems:
+        error(f"{p['kind']}: {p['file'] or ''}: {p['message']}")
+    if r.problems:
+        error("run the same command again (add --repair to re-check files already present) to fix these")
+
+
+# ---------------------------------------------------------------------- verify
+def verify_event(event: str, data: Any) -> None:
+    """A line as each step of ``verify`` ends (``verify_checkpoint``'s ``notify``)."""
+    if event == "structure":
+        info(f"structure: {len(data.problems)} problem(s), {len(data.warnings)} warning(s)")
+    elif event == "memory":
+        p = data
+        layer = (
+            f"largest layer {p.largest_layer}: {human_bytes(p.largest_layer_bytes)}, "
+            if p.largest_layer is not None
+            else ""
+        )
+        info(
+            f"memory plan: {p.mode} on {p.device}: peak ~{human_bytes(p.peak_bytes)} of "
+            f"{human_bytes(p.available_bytes)} available (weights {human_bytes(p.weights_bytes)}, {layer}"
+            f"embedding+head {human_bytes(p.top_bytes)}, activations for {p.prompts} prompt(s) / {p.tokens} tokens "
+            f"{human_bytes(p.activation_bytes)})"
+        )
+    elif event == "model":
+        tokens = sum(p.tokens for p in data.prompts) if data.prompts else (data.memory.tokens if data.memory else 0)
+        n = data.memory.prompts if data.memory else 0
+        info(f"model: {n} prompt(s), {tokens} tokens in {data.seconds.get('model', 0.0):.2f} s")
+    elif event == "reference":
+        path, size = data
+        info(f"reference: wrote {path} ({size} bytes)")
+
+
 def render_verify(r: Any) -> None:
     """The verify report: verdict, what was compared and how, per-prompt metrics, where it diverges."""
     ok = r.verdict == "pass"
@@ -148,13 +295,13 @@ def render_verify(r: Any) -> None:
     rows.append(("structure", f"{len(r.problems)} problem(s), {len(r.warnings)} warning(s)"))
     kv_table("verify", rows)
     for w in r.warnings:
-        out.print(f"[yellow]warning:[/] {w}")
+        out.print(f"[yellow]warning:[/] {escape(w)}")
     if r.problems:
         problems_table(r.problems, "structural problem(s)", limit=50)
     if r.overall is not None:
         t = Table(title="logits against the reference", title_justify="left")
         for c in ("prompt", "tokens", "top-1", "KL mean", "KL max", "cos min", "max |diff|", "rel diff", "ok"):
-            t.add_column(c, justify="right")
+            t.add_column(c, justify="right", no_wrap=True)
 
         def row(name: str, n: Any, s: Any, good: bool) -> list[str]:
             return [
@@ -187,16 +334,17 @@ def render_verify(r: Any) -> None:
     if r.divergence is not None:
         d = r.divergence
         at = f" (prompt {d.prompt}, position {d.position})" if d.prompt is not None else ""
-        out.print(f"[bold]first divergence:[/] {d.where}, hidden-state error {d.error:.3e}{at}")
+        out.print(f"[bold]first divergence:[/] {escape(d.where)}, hidden-state error {d.error:.3e}{at}")
     if r.tensor_diffs:
         t = Table(title=f"{len(r.tensor_diffs)} tensor(s) differ from the reference checkpoint", title_justify="left")
         for c in ("tensor", "kind", "relative error", "detail"):
             t.add_column(c, overflow="fold")
         for d in r.tensor_diffs[:20]:
-            t.add_row(d.name, d.kind, f"{d.rel_err:.3e}" if d.rel_err is not None else "", d.detail)
+            rel = f"{d.rel_err:.3e}" if d.rel_err is not None else ""
+            t.add_row(escape(d.name), d.kind, rel, escape(d.detail))
         out.print(t)
         if r.suspect_files:
             out.print("files holding them: " + ", ".join(f"{f} ({n})" for f, n in r.suspect_files.items()))
     for f in r.failures:
-        out.print(f"[red]fail:[/] {f}")
+        out.print(f"[red]fail:[/] {escape(f)}")
     out.print("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")

@@ -19,18 +19,11 @@ import pytest
 import torch
 
 from dsv3_tools.errors import Dsv3Error, ShardingError
-from dsv3_tools.reference import (
-    TIERS,
-    Logits,
-    ReferenceError,
-    compare_logits,
-    load_reference,
-    save_reference,
-    summarize,
-)
 from dsv3_tools.shard import shard_checkpoint
 from dsv3_tools.synth import synth
 from dsv3_tools.verify import DEFAULT_PROMPTS, verify_checkpoint
+from dsv3_tools.verify.metrics import TIERS, compare_logits, summarize
+from dsv3_tools.verify.reference import Logits, ReferenceError, load_reference, save_reference
 
 # ---------------------------------------------------------------------- helpers: the test's own byte surgery
 
