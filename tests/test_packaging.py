@@ -25,7 +25,7 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
     (whl,) = wheels.glob("dsv3_tools-*.whl")
     names = zipfile.ZipFile(whl).namelist()
     assert "dsv3_tools/configs/tiny.json" in names and "dsv3_tools/configs/deepseek-v3.json" in names
-    assert "dsv3_tools/kernels/weight_dequant.py" in names
+    assert "dsv3_tools/kernels/weight_dequant.py" in names and "dsv3_tools/verify/run.py" in names
     assert not any(n.startswith("kernels/") for n in names), "kernels must not be a top-level package"
     meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("METADATA"))).decode()
     for dep in ("torch", "triton", "safetensors", "huggingface-hub", "typer", "rich", "numpy"):
@@ -68,6 +68,9 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
         [str(py), "-m", "dsv3_tools", "inspect", "out"], cwd=work, env=env, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    # Every sub-package is in the wheel: verify (a package of its own) runs the model from it.
+    r = subprocess.run([str(cli), "verify", "out"], cwd=work, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
 
 
 def test_repo_root_does_not_shadow_a_top_level_kernels_package() -> None:
