@@ -112,7 +112,7 @@ def main() -> None:
         synth(ck, args.config, dtype="fp8", layers=args.layers, experts=args.experts, mtp=0, shards=4)
         print(f"synth: {time.perf_counter() - t:.1f} s", flush=True)
     t = time.perf_counter()
-    shard_checkpoint(ck, mp, mp=args.nproc)
+    shard_checkpoint(ck, mp, mp=args.nproc, mtp="drop")
     print(f"shard --mp {args.nproc}: {time.perf_counter() - t:.1f} s", flush=True)
 
     cli = [sys.executable, "-m", "dsv3_tools", "verify"]

@@ -28,7 +28,7 @@ from .errors import (
     UnknownNameError,
     UnsafePathError,
 )
-from .layout import INDEX_NAME, MP_HF_CONFIG, MP_RE, SINGLE_NAME, detect_layout
+from .layout import INDEX_NAME, MP_HF_CONFIG, MP_MTP_RE, MP_RE, SINGLE_NAME, detect_layout, mtp_rank_file, rank_file
 from .stfile import FileHeader, TensorInfo, read_header, torch_dtype
 from .validate import validate, validate_scales
 
@@ -271,27 +271,38 @@ def _open_hf_sharded(path: Path, problem) -> Checkpoint:
 
 
 def _open_mp(path: Path, problem) -> Checkpoint:
+    """The rank files ``model{r}-mp{N}`` and, when the MTP module was kept, its files ``mtp{r}-mp{N}``."""
     ranks: dict[int, str] = {}
+    mtp_ranks: dict[int, str] = {}
     worlds = set()
+    mtp_worlds = set()
     for p in path.iterdir():
-        m = MP_RE.match(p.name)
+        m, mm = MP_RE.match(p.name), MP_MTP_RE.match(p.name)
         if m:
             ranks[int(m.group(1))] = p.name
             worlds.add(int(m.group(2)))
+        elif mm:
+            mtp_ranks[int(mm.group(1))] = p.name
+            mtp_worlds.add(int(mm.group(2)))
     if len(worlds) != 1:
         raise LayoutError(f"mixed model-parallel degrees in one folder: {sorted(worlds)}")
     world = worlds.pop()
     for r in range(world):
         if r not in ranks:
-            problem(MissingFileError(f"rank {r} of {world} is missing", file=f"model{r}-mp{world}.safetensors"))
-    extra = [r for r in ranks if r >= world]
-    for r in extra:
-        problem(LayoutError(f"rank {r} is outside world size {world}", file=ranks[r]))
+            problem(MissingFileError(f"rank {r} of {world} is missing", file=rank_file(r, world)))
+        if mtp_ranks and r not in mtp_ranks:
+            problem(MissingFileError(f"rank {r}'s MTP file is missing", file=mtp_rank_file(r, world)))
+    if mtp_worlds - {world}:
+        problem(LayoutError(f"MTP files for world size {sorted(mtp_worlds - {world})} beside MP-{world} rank files"))
+    extra = [(r, f) for r, f in [*ranks.items(), *mtp_ranks.items()] if r >= world]
+    for r, f in extra:
+        problem(LayoutError(f"rank {r} is outside world size {world}", file=f))
     files = [ranks[r] for r in sorted(ranks) if r < world]
+    files += [f for r, f in sorted(mtp_ranks.items()) if r < world and MP_MTP_RE.match(f).group(2) == str(world)]
     headers: dict[str, FileHeader] = {}
     parts: dict[str, list[MpPart]] = {}
     for rel in files:
-        rank = int(MP_RE.match(rel).group(1))
+        rank = int((MP_RE.match(rel) or MP_MTP_RE.match(rel)).group(1))
         try:
             h = read_header(path / rel, rel)
         except CheckpointError as e:

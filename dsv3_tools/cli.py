@@ -4,6 +4,7 @@ report dataclasses; this file parses options and renders, and maps typed errors 
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -37,6 +38,24 @@ def _root(
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report on stdout instead of tables.")]
+
+
+class Mtp(str, Enum):
+    keep = "keep"
+    drop = "drop"
+
+
+# One meaning everywhere: whether the MTP (multi-token prediction) module goes along. Kept by default, so that
+# nothing is lost without asking: it is what speculative decoding uses.
+MtpOpt = Annotated[
+    Mtp,
+    typer.Option(
+        help="keep (default) or drop the MTP module. Kept: synth writes the config's MTP layers, cast converts it "
+        "like any layer, shard writes it to mtp{r}-mp{N}.safetensors beside the rank files (the upstream demo "
+        "loads rank files strictly and has no MTP), verify compares its logits too. Dropped: left out, and the "
+        "output config says num_nextn_predict_layers 0.",
+    ),
+]
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Built-in config name or a config.json path.")]
 
 
@@ -49,7 +68,7 @@ def synth(
     shards: Annotated[int, typer.Option(help="Number of safetensors files.")] = 4,
     layers: Annotated[int | None, typer.Option(help="Reduce depth to this many main layers.")] = None,
     experts: Annotated[int | None, typer.Option(help="Reduce the routed experts to this many.")] = None,
-    mtp: Annotated[int | None, typer.Option(help="Number of MTP layers (default: the config's).")] = None,
+    mtp: MtpOpt = Mtp.keep,
     scale_fmt: Annotated[str | None, typer.Option(help="ue8m0 for power-of-two scales (V3.1 style).")] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -58,7 +77,15 @@ def synth(
     from .synth import plan_synth, run_synth
 
     plan = plan_synth(
-        out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp, scale_fmt=scale_fmt
+        out,
+        config,
+        dtype=dtype,
+        seed=seed,
+        shards=shards,
+        layers=layers,
+        experts=experts,
+        mtp=None if mtp == Mtp.keep else 0,
+        scale_fmt=scale_fmt,
     )
     with report.byte_progress(plan.bytes, "synth", enabled=not json_) as advance:
         r = run_synth(plan, progress=advance)
@@ -132,7 +159,7 @@ def shard(
     src: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder (FP8 with scales, or BF16).")],
     dst: Annotated[Path, typer.Argument(help="New folder for model{r}-mp{N}.safetensors (or the same, to resume).")],
     mp: Annotated[int, typer.Option("--mp", help="Model-parallel degree N (ranks).")],
-    mtp: Annotated[str, typer.Option(help="drop (as the demo expects) or keep the MTP layer.")] = "drop",
+    mtp: MtpOpt = Mtp.keep,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check N and free space, print the plan only.")] = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -140,7 +167,7 @@ def shard(
     from . import report
     from .shard import plan_shard, run_shard
 
-    plan = plan_shard(src, dst, mp=mp, mtp=mtp)
+    plan = plan_shard(src, dst, mp=mp, mtp=mtp.value)
     if dry_run:
         r = plan.report()
         report.emit(r, json_, report.render_shard_plan)
@@ -171,7 +198,7 @@ def verify(
     stream: Annotated[
         bool | None, typer.Option("--stream/--resident", help="Load one layer at a time (default: when it must).")
     ] = None,
-    mtp: Annotated[bool, typer.Option("--mtp", help="Also verify the MTP module's logits.")] = False,
+    mtp: MtpOpt = Mtp.keep,
     checksums: Annotated[bool, typer.Option("--checksums", help="Re-hash files against the manifest / Hub.")] = False,
     tier: Annotated[str | None, typer.Option(help="Force the thresholds: exact, float or quantized.")] = None,
     min_top1: Annotated[float | None, typer.Option(help="Override: minimum top-1 agreement.")] = None,
@@ -207,7 +234,7 @@ def verify(
             engine=engine,
             gemm=gemm,
             stream=stream,
-            mtp=mtp,
+            mtp=mtp == Mtp.keep,
             checksums=checksums,
             thresholds=overrides,
             tier=tier,
@@ -223,7 +250,6 @@ def verify(
 
 cast_app = typer.Typer(no_args_is_help=True, help="Convert between block-FP8 and BF16 (streaming, resumable).")
 app.add_typer(cast_app, name="cast")
-MtpOpt = Annotated[str, typer.Option(help="keep (default) or drop the MTP layer (sets num_nextn_predict_layers 0).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (files, bytes, free disk) only.")]
 
 
@@ -249,14 +275,14 @@ def cast_fp8_bf16(
     dst: Annotated[Path, typer.Argument(help="New folder for the BF16 checkpoint (or the same, to resume).")],
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="CPU threads for dequantization (default: all cores).")] = None,
-    mtp: MtpOpt = "keep",
+    mtp: MtpOpt = Mtp.keep,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Dequantize every FP8 weight to BF16 (bf16(w * s), exact); a complete, loadable HF folder."""
     from .cast import plan_fp8_to_bf16
 
-    _cast(plan_fp8_to_bf16(src, dst, device=device, workers=workers, mtp=mtp), dry_run, json_, "fp8-bf16")
+    _cast(plan_fp8_to_bf16(src, dst, device=device, workers=workers, mtp=mtp.value), dry_run, json_, "fp8-bf16")
 
 
 @cast_app.command("bf16-fp8")
@@ -273,14 +299,14 @@ def cast_bf16_fp8(
     ignore: Annotated[
         list[str] | None, typer.Option(help="Keep weights matching this fnmatch pattern in BF16 (repeatable).")
     ] = None,
-    mtp: MtpOpt = "keep",
+    mtp: MtpOpt = Mtp.keep,
     dry_run: DryRunOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Re-quantize to DeepSeek block-FP8: exactly the weights that were FP8 (from the fp8-bf16 manifest)."""
     from .cast import plan_bf16_to_fp8
 
-    plan = plan_bf16_to_fp8(src, dst, scale_fmt=scale_fmt, ignore=tuple(ignore or ()), mtp=mtp)
+    plan = plan_bf16_to_fp8(src, dst, scale_fmt=scale_fmt, ignore=tuple(ignore or ()), mtp=mtp.value)
     _cast(plan, dry_run, json_, "bf16-fp8")
 
 

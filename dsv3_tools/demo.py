@@ -26,7 +26,7 @@ def run_demo(workdir: Path) -> int:
         ("layout, family, sizes and problems", ["inspect", fp8]),
     ]
     ref = str(workdir / "tiny-fp8.reference.safetensors")
-    save = ["verify", fp8, "--save-reference", ref, "--mtp"]
+    save = ["verify", fp8, "--save-reference", ref]
     steps.append(("a verify reference: the original's logits and hidden states", save))
     mp2 = str(workdir / "tiny-mp2")
     steps.append(("the official model-parallel layout, 2 rank files", ["shard", fp8, mp2, "--mp", "2"]))
@@ -51,6 +51,6 @@ def _verify_steps(steps: list[tuple[str, list[str]]], ref: str) -> list[tuple[st
     for _, args in steps:
         dst = args[3] if args[0] == "cast" and len(args) > 3 else args[2] if args[0] == "shard" else None
         if dst is not None:
-            check = ["verify", dst, "--reference", ref, "--mtp"]
+            check = ["verify", dst, "--reference", ref]
             out.append((f"{Path(dst).name} computes what the original computed", check))
     return out

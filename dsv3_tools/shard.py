@@ -40,7 +40,7 @@ from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, ShardingError
-from .layout import MP_HF_CONFIG, rank_file
+from .layout import MP_HF_CONFIG, MP_MTP_RE, MP_RE, mtp_rank_file, rank_file
 from .modelargs import demo_model_args
 from .output import MP_SIDECAR_PATTERNS, Output, OutputPlan, check_separate, plan_output, sidecar_files
 from .pipeline import BufferRing, Stopped, WriteBehind, first_error
@@ -49,7 +49,7 @@ from .writer import SafetensorsWriter, source_fingerprint
 
 Progress = Callable[[int], None]
 CHUNK = 32 << 20  # bytes per read (two in flight): bounds memory whatever the tensor size
-MTP_MODES = ("drop", "keep")
+MTP_MODES = ("keep", "drop")
 
 
 # ---------------------------------------------------------------------- reports
@@ -163,6 +163,12 @@ class _Item:
     name: N.Name
     ranks: tuple[int, ...]  # ranks holding a piece (all for split/replicated; the owner for an expert)
     shape: tuple[int, ...]  # the per-rank shape
+    mtp: bool = False  # part of the MTP module: goes to the ranks' mtp{r}-mp{N} files
+
+    def files(self, mp: int) -> list[str]:
+        """The output file of each rank in ``ranks``, in that order."""
+        name = mtp_rank_file if self.mtp else rank_file
+        return [name(r, mp) for r in self.ranks]
 
 
 def _plan(ck: Checkpoint, cfg: ModelConfig, mp: int, keep_mtp: bool) -> tuple[list[_Item], int]:
@@ -173,7 +179,8 @@ def _plan(ck: Checkpoint, cfg: ModelConfig, mp: int, keep_mtp: bool) -> tuple[li
     per = cfg.n_routed_experts // mp if cfg.n_routed_experts % mp == 0 else 0
     for info in sorted(ck.tensors.values(), key=lambda i: (order[i.file], i.start)):
         n = N.parse_hf(info.name)
-        if n.layer is not None and cfg.is_mtp_layer(n.layer) and not keep_mtp:
+        mtp = n.layer is not None and cfg.is_mtp_layer(n.layer)
+        if mtp and not keep_mtp:
             dropped += 1
             continue
         if n.split == N.EXPERT:
@@ -185,7 +192,7 @@ def _plan(ck: Checkpoint, cfg: ModelConfig, mp: int, keep_mtp: bool) -> tuple[li
         else:
             ranks = tuple(range(mp))
             shape = info.shape
-        items.append(_Item(info, n, ranks, shape))
+        items.append(_Item(info, n, ranks, shape, mtp))
     return items, dropped
 
 
@@ -199,29 +206,33 @@ class ShardPlan:
     mtp: str
     dtype: str  # "fp8" or "bf16"
     items: list[_Item] = field(repr=False)  # input tensors in read order, with their destinations
-    entries: list[list[Entry]] = field(repr=False)  # per rank: the rank file's tensors, in writing order
-    names: list[str]  # rank file names
-    sizes: list[int]  # rank file sizes
+    entries: dict[str, list[Entry]] = field(repr=False)  # per output file: its tensors, in writing order
+    sizes: dict[str, int]  # output file -> size (rank files first, then the MTP module's)
     dropped: int  # MTP tensors left out
     valid: list[int]  # every degree this checkpoint can be sharded into
     model_args: dict  # the demo's ModelArgs, written as config.json
     output: OutputPlan
 
     def report(self, dry_run: bool = True) -> ShardReport:
-        pending = {r for r, n in enumerate(self.names) if n not in self.output.done}
+        pending = {n for n in self.sizes if n not in self.output.done}
         files = [
-            ShardFile(n, r, len(self.entries[r]), self.sizes[r], "planned" if r in pending else "kept")
-            for r, n in enumerate(self.names)
+            ShardFile(n, _rank_of(n), len(self.entries[n]), size, "planned" if n in pending else "kept")
+            for n, size in self.sizes.items()
         ]
-        read = sum(it.info.nbytes for it in self.items if pending.intersection(it.ranks))
+        read = sum(it.info.nbytes for it in self.items if pending.intersection(it.files(self.mp)))
         return ShardReport(
             str(self.ck.path), str(self.output.dst), self.mp, self.mtp, self.dtype, dry_run, files,
-            self.output.sidecars, len(self.ck.tensors), self.dropped, read, sum(self.sizes[r] for r in pending),
+            self.output.sidecars, len(self.ck.tensors), self.dropped, read, sum(self.sizes[n] for n in pending),
             self.output.needed, self.output.free, self.output.fits, self.valid, 0.0, self.model_args,
         )  # fmt: skip
 
 
-def plan_shard(src: str | Path, dst: str | Path, *, mp: int, mtp: str = "drop") -> ShardPlan:
+def _rank_of(name: str) -> int:
+    m = MP_RE.match(name) or MP_MTP_RE.match(name)
+    return int(m.group(1))
+
+
+def plan_shard(src: str | Path, dst: str | Path, *, mp: int, mtp: str = "keep") -> ShardPlan:
     """Plan the model-parallel layout of the HF checkpoint ``src`` for ``mp`` ranks in the new folder ``dst``: N is
     checked against every tensor, and ``dst`` against the job (see ``output.plan_output``)."""
     src, dst = Path(src), Path(dst)
@@ -243,20 +254,15 @@ def plan_shard(src: str | Path, dst: str | Path, *, mp: int, mtp: str = "drop") 
     )
     _check(rules, mp)
 
-    entries: list[list[Entry]] = [[] for _ in range(mp)]
+    entries: dict[str, list[Entry]] = {rank_file(r, mp): [] for r in range(mp)}
     for it in items:
-        for r in it.ranks:
-            entries[r].append((it.name.mp, it.info.dtype, it.shape))
-    names = [rank_file(r, mp) for r in range(mp)]
-    sizes = [planned_size(entries[r], {"format": "pt"}) for r in range(mp)]
+        for f in it.files(mp):
+            entries.setdefault(f, []).append((it.name.mp, it.info.dtype, it.shape))
+    sizes = {f: planned_size(e, {"format": "pt"}) for f, e in entries.items()}
     job = {"stage": "shard", "mp": mp, "mtp": mtp, "source": source_fingerprint(src, [*ck.files, "config.json"])}
-    out = plan_output(
-        src, dst, job, dict(zip(names, sizes)), sidecar_files(src, MP_SIDECAR_PATTERNS), {MP_HF_CONFIG: "config.json"}
-    )
+    out = plan_output(src, dst, job, sizes, sidecar_files(src, MP_SIDECAR_PATTERNS), {MP_HF_CONFIG: "config.json"})
     dtype = "fp8" if fp8 else "bf16"
-    return ShardPlan(
-        ck, mp, mtp, dtype, items, entries, names, sizes, dropped, _valid(rules), demo_model_args(cfg), out
-    )
+    return ShardPlan(ck, mp, mtp, dtype, items, entries, sizes, dropped, _valid(rules), demo_model_args(cfg), out)
 
 
 def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
@@ -266,8 +272,8 @@ def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
     ck = plan.ck
     try:
         out = Output(plan.output)
-        pending = [r for r in range(plan.mp) if not out.is_done(plan.names[r])]
-        read, written = _write_ranks(plan, pending, out, progress or (lambda n: None))
+        pending = [n for n in plan.sizes if not out.is_done(n)]
+        read, written = _write_files(plan, pending, out, progress or (lambda n: None))
         cfg = ck.config
         extra = {
             "mp": plan.mp,
@@ -280,7 +286,7 @@ def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
         ck.close()
     rep = plan.report(dry_run=False)
     for f in rep.files:
-        f.status = "written" if f.rank in pending else "kept"
+        f.status = "written" if f.name in pending else "kept"
     rep.bytes_read, rep.bytes_written, rep.seconds = read, written, round(time.monotonic() - t0, 3)
     return rep
 
@@ -290,7 +296,7 @@ def shard_checkpoint(
     dst: str | Path,
     *,
     mp: int,
-    mtp: str = "drop",
+    mtp: str = "keep",
     dry_run: bool = False,
     progress: Progress | None = None,
 ) -> ShardReport:
@@ -307,21 +313,21 @@ def shard_checkpoint(
     return run_shard(plan, progress)
 
 
-def _write_ranks(plan: ShardPlan, pending: list[int], out: Output, advance: Progress) -> tuple[int, int]:
-    """Stream every input tensor once into the pending rank files; return (bytes read, bytes written)."""
-    writers: dict[int, SafetensorsWriter] = {}
+def _write_files(plan: ShardPlan, pending: list[str], out: Output, advance: Progress) -> tuple[int, int]:
+    """Stream every input tensor once into the pending output files; return (bytes read, bytes written)."""
+    writers: dict[str, SafetensorsWriter] = {}
     pipe: _Pipe | None = None
     try:
-        for r in pending:
-            writers[r] = SafetensorsWriter(plan.output.dst / plan.names[r], plan.entries[r], {"format": "pt"})
+        for f in pending:
+            writers[f] = SafetensorsWriter(plan.output.dst / f, plan.entries[f], {"format": "pt"})
         rows = [it.info.nbytes // it.info.shape[0] for it in plan.items if it.info.shape and it.info.shape[0]]
         pipe = _Pipe(plan.ck, writers, plan.mp, max(CHUNK, *rows, 1), advance)
         for it in plan.items:
-            if any(r in writers for r in it.ranks):
+            if any(f in writers for f in it.files(plan.mp)):
                 pipe.copy(it)
         pipe.close()
-        for r in pending:  # record each as soon as it is complete: a kill from here on loses less
-            out.record(writers[r].finish(), rank=r, world=plan.mp, tensors=len(plan.entries[r]))
+        for f in pending:  # record each as soon as it is complete: a kill from here on loses less
+            out.record(writers[f].finish(), rank=_rank_of(f), world=plan.mp, tensors=len(plan.entries[f]))
     except BaseException:
         # Ctrl-C or an error: stop the workers, leave no partial files; finished outputs stay recorded.
         if pipe is not None:
@@ -333,21 +339,21 @@ def _write_ranks(plan: ShardPlan, pending: list[int], out: Output, advance: Prog
 
 
 class _Pipe:
-    """Reads input chunks in the calling thread and hands them to one ``WriteBehind`` worker per rank file.
+    """Reads input chunks in the calling thread and hands them to one ``WriteBehind`` worker per output file.
 
     Chunk k+1 is read while chunk k is written and hashed (file writes and sha256 release the GIL), so the
     run approaches the read+write floor. Two read buffers alternate (a ``BufferRing``); a buffer is reused only
-    after every writer is done with it. A rank's worker is serial, so its file still receives bytes in planned order.
+    after every writer is done with it. A file's worker is serial, so the file still receives bytes in planned order.
     """
 
     def __init__(
-        self, ck: Checkpoint, writers: dict[int, SafetensorsWriter], mp: int, size: int, advance: Progress
+        self, ck: Checkpoint, writers: dict[str, SafetensorsWriter], mp: int, size: int, advance: Progress
     ) -> None:
         self.ck, self.writers, self.mp, self.advance = ck, writers, mp, advance
         self.stop = threading.Event()
         self.ring = BufferRing([torch.empty(size, dtype=torch.uint8) for _ in range(2)], self.stop)
-        self.workers = {r: WriteBehind(self._job, depth=4, name=f"dsv3-shard-rank{r}", stop=self.stop) for r in writers}
-        self.gather = {r: torch.empty(size // mp + 1, dtype=torch.uint8) for r in writers}  # split-1 pieces
+        self.workers = {f: WriteBehind(self._job, depth=4, name=f"dsv3-shard-{f}", stop=self.stop) for f in writers}
+        self.gather = {f: torch.empty(size // mp + 1, dtype=torch.uint8) for f in writers}  # split-1 pieces
         self.read = 0
 
     def _job(self, job: tuple) -> None:
@@ -370,55 +376,55 @@ class _Pipe:
             self._check()
             raise
 
-    def _send(self, r: int, slot: int | None, fn: Callable, *args: object) -> None:
+    def _send(self, f: str, slot: int | None, fn: Callable, *args: object) -> None:
         try:
-            self.workers[r].put((fn, args, slot))
+            self.workers[f].put((fn, args, slot))
         except Stopped:
             self._check()
             raise
 
     def copy(self, it: _Item) -> None:
-        """Queue one input tensor's pieces for its target rank files, a chunk at a time."""
+        """Queue one input tensor's pieces for its target files, a chunk at a time."""
         info, name, mp = it.info, it.name.mp, self.mp
-        ranks = [r for r in it.ranks if r in self.writers]
+        targets = [(f, r) for f, r in zip(it.files(mp), it.ranks) if f in self.writers]
         nbytes = info.nbytes
         if nbytes == 0:
-            for r in ranks:
-                self._send(r, None, self.writers[r].write_raw, name, memoryview(b""))
+            for f, _ in targets:
+                self._send(f, None, self.writers[f].write_raw, name, memoryview(b""))
             return
         if it.name.split == 0:
             part = nbytes // mp  # rank r's rows are one contiguous byte range of the input
-            for r in ranks:
-                self._stream(info, name, r * part, (r + 1) * part, [r])
+            for f, r in targets:
+                self._stream(info, name, r * part, (r + 1) * part, [f])
         elif it.name.split == 1:
             assert len(info.shape) == 2, info
             row = nbytes // info.shape[0]
             step = max(1, self.ring.buffers[0].numel() // row)
             for r0 in range(0, info.shape[0], step):
                 r1 = min(info.shape[0], r0 + step)
-                slot, buf = self._take(len(ranks))
+                slot, buf = self._take(len(targets))
                 chunk = self.ck.read_bytes(info, r0 * row, r1 * row, out=buf).view(r1 - r0, mp, row // mp)
                 self.read += (r1 - r0) * row
-                for r in ranks:
-                    self._send(r, slot, self._gather_write, r, name, chunk)
+                for f, r in targets:
+                    self._send(f, slot, self._gather_write, f, r, name, chunk)
                     self.advance((r1 - r0) * (row // mp))
         else:  # replicated, or a whole expert: the same bytes to every target
-            self._stream(info, name, 0, nbytes, ranks)
+            self._stream(info, name, 0, nbytes, [f for f, _ in targets])
 
-    def _gather_write(self, r: int, name: str, chunk: torch.Tensor) -> None:
-        out = self.gather[r][: chunk.shape[0] * chunk.shape[2]].view(chunk.shape[0], chunk.shape[2])
+    def _gather_write(self, f: str, r: int, name: str, chunk: torch.Tensor) -> None:
+        out = self.gather[f][: chunk.shape[0] * chunk.shape[2]].view(chunk.shape[0], chunk.shape[2])
         out.copy_(chunk[:, r, :])
-        self.writers[r].write_part(name, memoryview(out.reshape(-1).numpy()))
+        self.writers[f].write_part(name, memoryview(out.reshape(-1).numpy()))
 
-    def _stream(self, info: TensorInfo, name: str, start: int, stop: int, ranks: list[int]) -> None:
+    def _stream(self, info: TensorInfo, name: str, start: int, stop: int, files: list[str]) -> None:
         step = self.ring.buffers[0].numel()
         for off in range(start, stop, step):
             end = min(stop, off + step)
-            slot, buf = self._take(len(ranks))
+            slot, buf = self._take(len(files))
             mv = memoryview(self.ck.read_bytes(info, off, end, out=buf).numpy())
             self.read += end - off
-            for r in ranks:
-                self._send(r, slot, self.writers[r].write_part, name, mv)
+            for f in files:
+                self._send(f, slot, self.writers[f].write_part, name, mv)
                 self.advance(end - off)
 
     def close(self) -> None:

@@ -43,3 +43,36 @@ def test_verify_to_a_file_keeps_every_metric_whole(tiny_fp8: Path, tmp_path: Pat
         cells = [c.strip() for c in ln.strip("│┃ ").split("│")]
         assert len(cells) == 9 and cells[-1] == "yes", ln
         assert all(re.fullmatch(r"-?\d+\.\d+(e[-+]\d+)?", c) for c in cells[2:8]), ln
+
+
+def test_mtp_means_one_thing_with_one_default() -> None:
+    """``--mtp`` is keep|drop, default keep, in every command that touches the MTP module."""
+    from typer.testing import CliRunner
+
+    from dsv3_tools.cli import app
+
+    for cmd in (["synth"], ["cast", "fp8-bf16"], ["cast", "bf16-fp8"], ["shard"], ["verify"]):
+        res = CliRunner().invoke(app, [*cmd, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+        text = " ".join(res.stdout.replace("│", " ").split())
+        after = text.split("--mtp ", 1)[1]
+        assert re.match(r"\W*keep\|drop\W", after) and "[default: keep]" in after.split(" --", 1)[0], (cmd, text)
+
+
+def test_mtp_keep_and_drop_through_the_cli(tmp_path: Path) -> None:
+    import json
+
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    assert _run("synth", str(kept), "--json").returncode == 0
+    assert _run("synth", str(dropped), "--mtp", "drop", "--json").returncode == 0
+    cfg = json.loads((dropped / "config.json").read_text())
+    index = json.loads((dropped / "model.safetensors.index.json").read_text())["weight_map"]
+    assert cfg["num_nextn_predict_layers"] == 0 and not any(".layers.3." in k for k in index)
+    assert any(".layers.3." in k for k in json.loads((kept / "model.safetensors.index.json").read_text())["weight_map"])
+    # verify's default compares the MTP module's logits too
+    ref = tmp_path / "ref.safetensors"
+    p = _run("verify", str(kept), "--save-reference", str(ref), "--json")
+    assert p.returncode == 0, p.stderr
+    p = _run("verify", str(kept), "--reference", str(ref), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["mtp_overall"]["positions"] > 0, p.stdout[-2000:]
+    p = _run("verify", str(kept), "--reference", str(ref), "--mtp", "drop", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["mtp_overall"] is None

@@ -97,6 +97,15 @@ def check_roundtrip(src: Path, dst: Path, world: int, mtp: bool) -> None:
     n_layers, experts = hcfg["num_hidden_layers"], hcfg["n_routed_experts"]
     per = experts // world
     ranks = [read_rank(dst / f"model{r}-mp{world}.safetensors") for r in range(world)]
+    # The MTP module, when kept, is in its own files beside the rank files (the demo loads rank files strictly).
+    mtp_files = [dst / f"mtp{r}-mp{world}.safetensors" for r in range(world)]
+    assert all(f.is_file() for f in mtp_files) == mtp and (mtp or not any(f.exists() for f in mtp_files))
+    if mtp:
+        for r, f in enumerate(mtp_files):
+            extra = read_rank(f)
+            assert all(k.startswith(f"layers.{hf_config(src)['num_hidden_layers']}.") for k in extra), sorted(extra)[:3]
+            assert not set(extra) & set(ranks[r])
+            ranks[r] |= extra
     seen: list[set[str]] = [set() for _ in range(world)]
     for hf, t in read_hf(src).items():
         mp, dim = ref_mp(hf)
@@ -147,7 +156,7 @@ def test_v3_valid_degrees() -> None:
 def test_invalid_mp_fp8_refused(tiny_fp8: Path, tmp_path: Path, mp: int) -> None:
     dst = tmp_path / "out"
     with pytest.raises(ShardingError) as e:
-        S.shard_checkpoint(tiny_fp8, dst, mp=mp)
+        S.shard_checkpoint(tiny_fp8, dst, mp=mp, mtp="drop")
     msg = str(e.value)
     if mp == 3:
         assert "'model.embed_tokens.weight'" in msg and "not divisible by 3" in msg
@@ -161,7 +170,7 @@ def test_invalid_mp_fp8_refused(tiny_fp8: Path, tmp_path: Path, mp: int) -> None
 
 def test_invalid_mp_bf16_lists_degrees(tiny_bf16: Path, tmp_path: Path) -> None:
     with pytest.raises(ShardingError, match=r"not divisible by 16; degrees that work: 1, 2, 4, 8$"):
-        S.shard_checkpoint(tiny_bf16, tmp_path / "out", mp=16)
+        S.shard_checkpoint(tiny_bf16, tmp_path / "out", mp=16, mtp="drop")
 
 
 # ---------------------------------------------------------------------- round trips
@@ -180,6 +189,8 @@ def test_roundtrip(request: pytest.FixtureRequest, tmp_path: Path, which: str, m
     for rank in range(mp):
         expected = N.expected_mp_tensors(cfg, rank, mp, mtp=mtp == "keep")
         got = read_rank(dst / f"model{rank}-mp{mp}.safetensors")
+        if mtp == "keep":
+            got |= read_rank(dst / f"mtp{rank}-mp{mp}.safetensors")
         assert set(got) == set(expected), f"rank {rank}: {sorted(set(got) ^ set(expected))[:6]}"
         for k, spec in expected.items():
             assert tuple(got[k].shape) == spec.shape, f"rank {rank} {k}: {list(got[k].shape)} vs {list(spec.shape)}"
@@ -202,8 +213,8 @@ def test_roundtrip(request: pytest.FixtureRequest, tmp_path: Path, which: str, m
 
 
 def test_model_args(tiny_fp8_ue8m0: Path, tiny_bf16: Path, tmp_path: Path) -> None:
-    S.shard_checkpoint(tiny_fp8_ue8m0, tmp_path / "a", mp=2)
-    S.shard_checkpoint(tiny_bf16, tmp_path / "b", mp=2)
+    S.shard_checkpoint(tiny_fp8_ue8m0, tmp_path / "a", mp=2, mtp="drop")
+    S.shard_checkpoint(tiny_bf16, tmp_path / "b", mp=2, mtp="drop")
     h = hf_config(tiny_fp8_ue8m0)
     a = json.loads((tmp_path / "a" / "config.json").read_text())
     rs = h["rope_scaling"]
@@ -227,7 +238,7 @@ def test_model_args(tiny_fp8_ue8m0: Path, tiny_bf16: Path, tmp_path: Path) -> No
 
 def test_small_chunks_same_bytes(tiny_fp8: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunked streaming (many chunks per tensor, split-1 gathers across chunks) gives the same files; reads stay small."""
-    S.shard_checkpoint(tiny_fp8, tmp_path / "ref", mp=4)
+    S.shard_checkpoint(tiny_fp8, tmp_path / "ref", mp=4, mtp="drop")
     from dsv3_tools.checkpoint import Checkpoint
 
     biggest = [0]
@@ -239,7 +250,7 @@ def test_small_chunks_same_bytes(tiny_fp8: Path, tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(Checkpoint, "read_bytes", spy)
     monkeypatch.setattr(S, "CHUNK", 4096)
-    S.shard_checkpoint(tiny_fp8, tmp_path / "small", mp=4)
+    S.shard_checkpoint(tiny_fp8, tmp_path / "small", mp=4, mtp="drop")
     assert 0 < biggest[0] <= 4096
     for r in range(4):
         f = f"model{r}-mp4.safetensors"
@@ -249,17 +260,17 @@ def test_small_chunks_same_bytes(tiny_fp8: Path, tmp_path: Path, monkeypatch: py
 # ---------------------------------------------------------------------- dry run, disk, refusal
 def test_dry_run_and_disk_check(tiny_fp8: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dst = tmp_path / "out"
-    plan = S.shard_checkpoint(tiny_fp8, dst, mp=2, dry_run=True)
+    plan = S.shard_checkpoint(tiny_fp8, dst, mp=2, dry_run=True, mtp="drop")
     assert not dst.exists()
     assert plan.fits and plan.valid_mp == [1, 2, 4] and [f.status for f in plan.files] == ["planned"] * 2
-    real = S.shard_checkpoint(tiny_fp8, tmp_path / "real", mp=2)
+    real = S.shard_checkpoint(tiny_fp8, tmp_path / "real", mp=2, mtp="drop")
     assert [f.bytes for f in plan.files] == [(tmp_path / "real" / f.name).stat().st_size for f in real.files]
     assert plan.bytes_read == real.bytes_read and plan.bytes_written == real.bytes_written
 
     monkeypatch.setattr(O, "free_bytes", lambda p: 1000)
-    assert not S.shard_checkpoint(tiny_fp8, dst, mp=2, dry_run=True).fits
+    assert not S.shard_checkpoint(tiny_fp8, dst, mp=2, dry_run=True, mtp="drop").fits
     with pytest.raises(OutputError, match="free space"):
-        S.shard_checkpoint(tiny_fp8, dst, mp=2)
+        S.shard_checkpoint(tiny_fp8, dst, mp=2, mtp="drop")
     assert not dst.exists()
 
 
@@ -268,19 +279,21 @@ def test_cli_dry_run_json(tiny_fp8: Path, tmp_path: Path) -> None:
 
     from dsv3_tools.cli import app
 
-    res = CliRunner().invoke(app, ["shard", str(tiny_fp8), str(tmp_path / "o"), "--mp", "4", "--dry-run", "--json"])
+    res = CliRunner().invoke(
+        app, ["shard", str(tiny_fp8), str(tmp_path / "o"), "--mp", "4", "--mtp", "drop", "--dry-run", "--json"]
+    )
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
     assert d["mp"] == 4 and len(d["files"]) == 4 and d["dry_run"] and not (tmp_path / "o").exists()
 
 
 def test_refuses_other_job_and_source_as_dest(tiny_fp8: Path, tmp_path: Path) -> None:
-    S.shard_checkpoint(tiny_fp8, tmp_path / "out", mp=2)
+    S.shard_checkpoint(tiny_fp8, tmp_path / "out", mp=2, mtp="drop")
     with pytest.raises(OutputError, match="different run"):
-        S.shard_checkpoint(tiny_fp8, tmp_path / "out", mp=4)
+        S.shard_checkpoint(tiny_fp8, tmp_path / "out", mp=4, mtp="drop")
     with pytest.raises(OutputError, match="outside the input folder"):
-        S.shard_checkpoint(tiny_fp8, tiny_fp8, mp=2)
-    r = S.shard_checkpoint(tiny_fp8, tmp_path / "out", mp=2)  # same job again: everything kept
+        S.shard_checkpoint(tiny_fp8, tiny_fp8, mp=2, mtp="drop")
+    r = S.shard_checkpoint(tiny_fp8, tmp_path / "out", mp=2, mtp="drop")  # same job again: everything kept
     assert [f.status for f in r.files] == ["kept", "kept"] and r.bytes_written == 0
 
 
@@ -312,14 +325,14 @@ if mode == "rank":
         if rec.name.startswith("model"):
             os.kill(os.getpid(), signal.SIGKILL)
     writer.Manifest.record = record
-shard.shard_checkpoint(src, dst, mp=2, progress=progress)
+shard.shard_checkpoint(src, dst, mp=2, progress=progress, mtp="drop")
 """
 
 
 @pytest.mark.parametrize("mode", ["data", "rank"])
 def test_resume_after_sigkill(tiny_fp8: Path, tmp_path: Path, mode: str) -> None:
     ref = tmp_path / "ref"
-    S.shard_checkpoint(tiny_fp8, ref, mp=2)
+    S.shard_checkpoint(tiny_fp8, ref, mp=2, mtp="drop")
     dst = tmp_path / "out"
     p = subprocess.run([sys.executable, "-c", KILLER, str(tiny_fp8), str(dst), mode], capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr
@@ -331,7 +344,7 @@ def test_resume_after_sigkill(tiny_fp8: Path, tmp_path: Path, mode: str) -> None
     else:
         assert list(man["files"]) == ["model0-mp2.safetensors"]
         kept_stat = (dst / "model0-mp2.safetensors").stat()
-    r = S.shard_checkpoint(tiny_fp8, dst, mp=2)
+    r = S.shard_checkpoint(tiny_fp8, dst, mp=2, mtp="drop")
     _same_outputs(ref, dst)
     assert not any(dst.glob(".*.partial"))
     if kept_stat is not None:
@@ -342,7 +355,7 @@ def test_resume_after_sigkill(tiny_fp8: Path, tmp_path: Path, mode: str) -> None
 
 def test_ctrl_c_leaves_no_partials_and_resumes(tiny_bf16: Path, tmp_path: Path) -> None:
     ref = tmp_path / "ref"
-    S.shard_checkpoint(tiny_bf16, ref, mp=4)
+    S.shard_checkpoint(tiny_bf16, ref, mp=4, mtp="drop")
     dst = tmp_path / "out"
     seen = [0]
 
@@ -352,9 +365,9 @@ def test_ctrl_c_leaves_no_partials_and_resumes(tiny_bf16: Path, tmp_path: Path) 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.shard_checkpoint(tiny_bf16, dst, mp=4, progress=interrupt)
+        S.shard_checkpoint(tiny_bf16, dst, mp=4, progress=interrupt, mtp="drop")
     assert sorted(p.name for p in dst.iterdir()) == ["dsv3-manifest.json"]
-    S.shard_checkpoint(tiny_bf16, dst, mp=4)
+    S.shard_checkpoint(tiny_bf16, dst, mp=4, mtp="drop")
     _same_outputs(ref, dst)
 
 

@@ -187,11 +187,11 @@ def verify_checkpoint(
         projection = make_projection(cfg.hidden_size)
     check_ids(ids, cfg.vocab_size)
     do_mtp = mtp and has_mtp_tensors(ck)
-    if mtp and not do_mtp:
-        warnings.append("--mtp: this checkpoint has no MTP module; MTP logits not checked")
+    if mtp and not do_mtp and (cfg.num_nextn_predict_layers > 0 or (src is not None and src.has_mtp)):
+        warnings.append("--mtp keep: this checkpoint has no MTP module; MTP logits not checked")
     if do_mtp and src is not None and not src.has_mtp:
         what = "reference file has no MTP logits" if src.kind == "file" else "reference checkpoint has no MTP module"
-        warnings.append(f"--mtp: the {what}; MTP not compared")
+        warnings.append(f"--mtp keep: the {what}; MTP not compared")
 
     blocking = [p for p in problems if p["kind"] not in RUNNABLE_KINDS]
     if blocking:

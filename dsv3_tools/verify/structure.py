@@ -13,7 +13,7 @@ import torch
 from .. import names as N
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
-from ..layout import MANIFEST_NAME, MP_HF_CONFIG, MP_RE
+from ..layout import MANIFEST_NAME, MP_HF_CONFIG, MP_MTP_RE, MP_RE
 from ..modelargs import demo_model_args
 from ..runtime import dist_info
 from ..writer import read_manifest, sha256_file
@@ -179,8 +179,12 @@ def check_checksums(ck: Checkpoint, progress: Progress | None = None) -> tuple[d
                 want[rel] = (etag, "hub download metadata", None)
     rank, world = dist_info()
     if world > 1:  # each rank re-hashes its own rank file; rank 0 also every other file
-        mine = {rel for rel in want if (m := MP_RE.match(rel)) and int(m.group(1)) == rank}
-        want = {k: v for k, v in want.items() if k in mine or (rank == 0 and not MP_RE.match(k))}
+
+        def rank_of(rel: str) -> int | None:
+            m = MP_RE.match(rel) or MP_MTP_RE.match(rel)
+            return int(m.group(1)) if m else None
+
+        want = {k: v for k, v in want.items() if rank_of(k) == rank or (rank == 0 and rank_of(k) is None)}
     checked, bad = 0, 0
     for rel, (sha, src, size) in sorted(want.items()):
         p = ck.path / rel
