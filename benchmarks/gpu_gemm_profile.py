@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 
 import torch
+from gpu_gemm_tune import SHAPES  # the four shapes (this script's folder is on sys.path when run)
+
 from dsv3_tools.kernels import fp8_gemm as fg
 from dsv3_tools.kernels.act_quant import act_quant
 from dsv3_tools.kernels.fp8_gemm import fp8_gemm
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
-from gpu_gemm_tune import SHAPES  # the four shapes (this script's folder is on sys.path when run)
 
 
 def main() -> None:

@@ -25,10 +25,11 @@ import time
 
 import torch
 import triton
+from gpu_gemm_tune import operands  # this script's folder is on sys.path when run
+
 from dsv3_tools.kernels.act_quant import act_quant
 from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm, pick_config
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
-from gpu_gemm_tune import operands  # this script's folder is on sys.path when run
 
 SHAPES = [(128, 7168, 2048), (16, 18432, 7168), (128, 2048, 7168), (128, 18432, 7168), (256, 7168, 2048),
           (512, 2048, 7168), (64, 7168, 2048), (16, 2048, 7168), (128, 576, 7168), (16, 576, 7168),

@@ -20,6 +20,7 @@ import sys
 
 import torch
 import triton
+
 from dsv3_tools.kernels.act_quant import act_quant
 from dsv3_tools.kernels.fp8_gemm import LONG_K, SHORT_K, WS_128, GemmConfig, fp8_gemm, fp8_gemm_ref, pick_config
 from dsv3_tools.kernels.weight_quant import weight_quant_ref

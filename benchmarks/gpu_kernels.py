@@ -18,6 +18,7 @@ import sys
 
 import torch
 import triton
+
 from dsv3_tools.kernels.act_quant import act_quant, act_quant_ref
 from dsv3_tools.kernels.fp8_gemm import CONFIGS, fp8_gemm, fp8_gemm_ref, pick_config
 from dsv3_tools.kernels.weight_dequant import weight_dequant, weight_dequant_ref

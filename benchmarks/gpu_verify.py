@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-from dsv3_tools.kernels.weight_quant import weight_quant_ref
 
 from dsv3_tools import names as N
 from dsv3_tools.checkpoint import DTYPE_SIZE, INDEX_NAME, open_checkpoint
 from dsv3_tools.config import ModelConfig
+from dsv3_tools.kernels.weight_quant import weight_quant_ref
 from dsv3_tools.synth import derive_config, write_tokenizer
 from dsv3_tools.verify import verify_checkpoint
 from dsv3_tools.writer import SafetensorsWriter, write_json_atomic

@@ -267,10 +267,9 @@ def test_model_triton_engine_matches_torch(tmp_path, monkeypatch) -> None:
     # The FP8 path: every act_quant / fp8_gemm call of the model, Triton against the torch reference on the same
     # inputs. (Whole-model outputs are not compared: the FP8 tensor cores' ~1e-4 GEMM error flips FP8 roundings of
     # the next activations, which moves a 5-token prompt's layer-0 output by ~2%; measured on the H200.)
+    from dsv3_tools import model as M
     from dsv3_tools.kernels.act_quant import act_quant, act_quant_ref
     from dsv3_tools.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
-
-    from dsv3_tools import model as M
 
     errors: list = []
 

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+
 from dsv3_tools.kernels.act_quant import act_quant, act_quant_ref
 from dsv3_tools.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_ref
 from dsv3_tools.kernels.weight_dequant import weight_dequant, weight_dequant_ref

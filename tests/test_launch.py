@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dsv3_tools.kernels import _launch
 
 
