@@ -203,9 +203,14 @@ def render_verify(r: Any) -> None:
 
 
 # ---------------------------------------------------------------------- generate
+# Control characters other than newline and tab, shown as U+FFFD on a terminal: a model's text must not drive it
+# (an ESC from random weights would start an escape sequence). Files and pipes get the text as it is.
+_CONTROLS = {c: 0xFFFD for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
+
+
 def stream_text(text: str) -> None:
     """Answer text as it is produced (stdout, unformatted, flushed at once)."""
-    sys.stdout.write(text)
+    sys.stdout.write(text.translate(_CONTROLS) if sys.stdout.isatty() else text)
     sys.stdout.flush()
 
 
