@@ -451,9 +451,10 @@ def generate(
     from .generate import Options, run_generate
 
     opts = Options(
-        ckpt, list(prompt or []), input_file, system, raw, temperature, top_p, top_k, min_p, repetition_penalty, seed,
-        max_new_tokens, tuple(stop or ()), max_seq_len, max_batch_size, json_, device, engine, gemm, dtype, cuda_graph,
-        ignore_eos,
+        ckpt, prompts=list(prompt or []), input_file=input_file, system=system, raw=raw, temperature=temperature,
+        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        max_new_tokens=max_new_tokens, stop=tuple(stop or ()), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        json=json_, device=device, engine=engine, gemm=gemm, dtype=dtype, cuda_graph=cuda_graph, ignore_eos=ignore_eos,
     )  # fmt: skip
     raise typer.Exit(run_generate(opts, report.generate_ui(json_)))
 

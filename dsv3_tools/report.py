@@ -10,6 +10,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -245,7 +246,7 @@ def render_generation(r: Any, streamed: bool) -> None:
         stream_text("\n")
     else:
         prompt = r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt, ensure_ascii=False)
-        out.print(f"[bold]Prompt {r.index}:[/] {prompt}", markup=True, highlight=False, soft_wrap=True)
+        out.print(f"[bold]Prompt {r.index}:[/] {escape(prompt)}", highlight=False, soft_wrap=True)
         out.print(r.text, markup=False, highlight=False, soft_wrap=True)
     console.print(figures, markup=False)
 
