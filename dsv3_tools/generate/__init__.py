@@ -160,11 +160,54 @@ def _broadcast(obj: object, world: int) -> object:
     return box[0]
 
 
+def _read_input(opts: Options, folder: Path, vocab: int, max_len: int) -> tuple[Tokenizer, list[Request]]:
+    """Rank 0's part: the tokenizer and template, and every request (none in the chat)."""
+    tok = Tokenizer.load(folder)
+    if opts.interactive:
+        if tok.template is None and not opts.raw:
+            raise Dsv3Error(tok.no_template_message())
+        defaults(tok, opts)  # (checks the sampling options now)
+        return tok, []
+    entries = entries_from_prompts(opts.prompts) if opts.prompts else read_input_file(opts.input_file)
+    return tok, build_requests(entries, tok, opts, vocab, max_len)
+
+
+def _checked_plan(cfg, opts: Options, device: str, dtype, world: int, batch: int, max_len: int) -> GeneratePlan:
+    """This rank's memory plan; ``PlanError`` on every rank when any rank's does not fit."""
+    import torch
+
+    from .devices import available_bytes
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and world > 1 and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    plan = make_plan(
+        cfg, world=world, batch=batch, max_len=max_len, dtype=dtype, gemm=opts.gemm, device=str(dev),
+        available=available_bytes(dev),
+    )  # fmt: skip
+    problem = None
+    try:
+        check_plan(plan, cfg)
+    except PlanError as e:
+        problem = str(e)
+    problems = [problem]
+    if world > 1:
+        import torch.distributed as dist
+
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+    bad = next((p for p in problems if p is not None), None)
+    if bad is not None:
+        raise PlanError(bad)
+    return plan
+
+
 def run_generate(opts: Options, ui: UI) -> int:
     """Run ``generate``; returns the exit code (bad input raises ``Dsv3Error``)."""
     from ..checkpoint import open_checkpoint
     from ..model import load_model
-    from .devices import available_bytes, init_distributed, resolve
+    from .batch import batches
+    from .devices import init_distributed, resolve
     from .engine import Engine
 
     if opts.prompts and opts.input_file is not None:
@@ -190,47 +233,16 @@ def run_generate(opts: Options, ui: UI) -> int:
     tok, requests, failure = None, [], None
     if lead:
         try:
-            tok = Tokenizer.load(ck.path)
-            if opts.interactive:
-                if tok.template is None and not opts.raw:
-                    raise Dsv3Error(tok.no_template_message())
-                defaults(tok, opts)
-            else:
-                entries = entries_from_prompts(opts.prompts) if opts.prompts else read_input_file(opts.input_file)
-                requests = build_requests(entries, tok, opts, cfg.vocab_size, max_len)
+            tok, requests = _read_input(opts, ck.path, cfg.vocab_size, max_len)
         except Dsv3Error as e:
             failure = str(e)
     batch = 1 if opts.interactive else min(opts.max_batch_size, max(len(requests), 1))
     failure, batch = _broadcast((failure, batch), world)
     if failure is not None:
         raise Dsv3Error(failure)
-
-    # The memory plan, on every rank (each its own device), before any weight is read.
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda" and world > 1 and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    plan = make_plan(
-        cfg, world=world, batch=batch, max_len=max_len, dtype=dtype, gemm=opts.gemm, device=str(dev),
-        available=available_bytes(dev),
-    )  # fmt: skip
+    plan = _checked_plan(cfg, opts, device, dtype, world, batch, max_len)
     if lead:
         ui.plan(plan)
-    problems = [None] * world
-    try:
-        check_plan(plan, cfg)
-    except Dsv3Error as e:
-        problems[rank] = str(e)
-    if world > 1:
-        import torch.distributed as dist
-
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, problems[rank])
-        problems = gathered
-    bad = next((p for p in problems if p is not None), None)
-    if bad is not None:
-        raise PlanError(bad)
 
     model = load_model(ck, device=device, engine=engine_name, gemm=opts.gemm, stream=False, dtype=dtype)
     graphs = opts.cuda_graph if opts.cuda_graph is not None else model.env.device.type == "cuda"
@@ -251,7 +263,8 @@ def run_generate(opts: Options, ui: UI) -> int:
     else:
         stream = len(requests) == 1 and not opts.json
         on_text = (lambda _, piece: ui.write(piece)) if stream else None
-        for result in engine.run(requests, on_text=on_text):
-            ui.result(result, stream)
+        for group in batches(requests, batch):  # each batch's results as soon as it ends
+            for result in engine.run(group, on_text=on_text):
+                ui.result(result, stream)
     engine.close()  # (not after an error: the other ranks stop with torchrun)
     return 0
