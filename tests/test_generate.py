@@ -337,3 +337,24 @@ def test_fp8_gemm_path_decodes_within_quantization(tiny_fp8: Path) -> None:
     stats = summarize([compare_logits(Logits.from_full(full), torch.stack(steps))])
     assert not stats.failures(TIERS["quantized"]), stats
     assert stats.top1 < 1.0 or stats.kl_max > 1e-9  # (the paths do differ: this is not the exact tier)
+
+
+def test_static_step_is_the_same_step(tiny_fp8: Path) -> None:
+    """The step a CUDA graph captures (``static``: every local expert with zero weights where not chosen, attention
+    over the whole cache length, masked) computes what the eager step does, here on the CPU."""
+    model = load_model(open_checkpoint(tiny_fp8))
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    eager, static = model.new_cache(2, 48), model.new_cache(2, 48)
+    a = model.prefill(prompts, eager)
+    b = model.prefill(prompts, static)
+    assert torch.equal(a, b)
+    pos = torch.tensor([len(p) for p in prompts])
+    for _ in range(6):
+        tok = a.argmax(-1)
+        a = model.decode(tok, pos, eager, kv_len=int(pos.max()) + 1)
+        b = model.decode(tok, pos, static, static=True)  # kv_len: the whole cache
+        assert ((a - b).abs().max() <= 1e-5 * a.abs().max()).item()
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        pos = pos + 1
+    # Both wrote the same cache rows (and nothing else).
+    assert torch.allclose(eager.data, static.data, rtol=1e-5, atol=1e-6)
