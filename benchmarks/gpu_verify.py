@@ -39,7 +39,8 @@ from dsv3_tools.config import ModelConfig
 from dsv3_tools.kernels.weight_quant import weight_quant_ref
 from dsv3_tools.layout import INDEX_NAME
 from dsv3_tools.stfile import DTYPE_SIZE
-from dsv3_tools.synth import derive_config, write_tokenizer
+from dsv3_tools.synth import derive_config
+from dsv3_tools.tokenizer_files import write_tokenizer_files
 from dsv3_tools.verify import verify_checkpoint
 from dsv3_tools.writer import SafetensorsWriter, write_json_atomic
 
@@ -127,7 +128,7 @@ def build(path: Path, cfg: ModelConfig) -> int:
         print(f"  wrote {name} ({sum(nbytes(s) for s in group) / GB:.1f} GB)", flush=True)
     write_json_atomic(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": wmap})
     write_json_atomic(path / "config.json", cfg.to_hf_dict())
-    write_tokenizer(path, cfg.vocab_size)
+    write_tokenizer_files(path, cfg)
     return total
 
 

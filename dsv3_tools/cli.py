@@ -320,6 +320,50 @@ def demo(
     raise typer.Exit(run_demo(workdir))
 
 
+@app.command()
+def generate(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder (HF FP8, HF BF16 or model-parallel shards).")],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable: a batch).")] = None,
+    input_file: Annotated[
+        Path | None, typer.Option("--input-file", "-i", help="Prompts: one per line, or JSONL (see README).")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (through the chat template).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the text as it is, without the chat template.")] = False,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: generation_config.json).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling, in (0, 1].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most probable tokens (0 = off).")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min-p x the top probability.")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="> 1 discourages repeats (1 = off).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed (prompt i uses seed + i); same seed, same text.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to generate at most (default 256).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this text, not printed (repeatable).")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="KV cache length: prompt + answer (default 4096).")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Sequences run together (the cache holds this many).")] = 8,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when available).")] = "auto",
+    engine: Annotated[str, typer.Option(help="triton, torch, or auto (triton on cuda, torch on cpu).")] = "auto",
+    gemm: Annotated[str, typer.Option(help="bf16 (FP8 dequantized once at load) or fp8 (FP8 GEMM).")] = "bf16",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (bfloat16 on cuda), float32, bfloat16.")] = "auto",
+    cuda_graph: Annotated[
+        bool | None, typer.Option("--cuda-graph/--no-cuda-graph", help="Replay the decode step (default: on cuda).")
+    ] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at EOS (benchmarks).")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per request on stdout.")] = False,
+) -> None:
+    """Run the model: chat (no --prompt / --input-file), or a batch of prompts. Exit 0, or 2 on bad input."""
+    from . import report
+    from .generate import Options, run_generate
+
+    opts = Options(
+        ckpt, prompts=list(prompt or []), input_file=input_file, system=system, raw=raw, temperature=temperature,
+        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+        max_new_tokens=max_new_tokens, stop=tuple(stop or ()), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+        json=json_, device=device, engine=engine, gemm=gemm, dtype=dtype, cuda_graph=cuda_graph, ignore_eos=ignore_eos,
+    )  # fmt: skip
+    raise typer.Exit(run_generate(opts, report.generate_ui(json_)))
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     from . import report

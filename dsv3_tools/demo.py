@@ -34,7 +34,18 @@ def run_demo(workdir: Path) -> int:
     bf16, fp8_again = str(workdir / "tiny-bf16"), str(workdir / "tiny-fp8-again")
     steps.append(("dequantize to BF16: exact, a complete loadable folder", ["cast", "fp8-bf16", fp8, bf16]))
     steps.append(("re-quantize exactly the weights that were FP8", ["cast", "bf16-fp8", bf16, fp8_again]))
-    steps += _verify_steps(steps, ref)  # keep last: verifies every stage output listed above against the original
+    steps += _verify_steps(steps, ref)  # verifies every stage output listed above against the original
+    talk = ["--max-new-tokens", "24", "--seed", "0"]
+    steps.append(("the model talks: the chat template, a KV cache, streamed text (noise: random weights)",
+                  ["generate", fp8, "--prompt", "Hello! Who are you?", *talk]))  # fmt: skip
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "What is 2 + 2?"}\n'
+        '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}\n'
+        '{"prompt": "The quick brown fox", "temperature": 0, "stop": ["dog"]}\n'
+    )
+    steps.append(("a batch file on the MP-2 shards, one JSON object per request",
+                  ["generate", mp2, "--input-file", str(prompts), "--json", "--max-batch-size", "2", *talk]))  # fmt: skip
     for title, args in steps:
         rc = _step(title, args)
         if rc != 0:

@@ -1,4 +1,5 @@
-"""The DeepSeek-V3-family forward pass on the project's own kernels, for verification (prefill, every position).
+"""The DeepSeek-V3-family forward pass on the project's own kernels, for verification (prefill, every position)
+and for generation (prefill, then one token per step on a KV cache).
 
 ``run_model`` reads weights straight from a ``Checkpoint`` (HF folder or model-parallel shards, FP8 with scales or
 BF16), resident or streamed one layer at a time, on one process or tensor-parallel under ``torchrun``
@@ -30,6 +31,13 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
   folder under a process group each rank slices what it needs out of the whole tensors (correct, not economical).
 - V3.2's sparse-attention indexer selects every earlier token while a prompt is at most ``index_topk`` tokens long,
   so there attention is dense and the indexer weights are not read; longer prompts are refused.
+- Generation (``Model.new_cache``, ``prefill``, ``decode``; resident weights): the cache holds, per layer and
+  position, the normed latent and the rotated shared rope key (``KVCache``). Prefill is the forward pass above and
+  also writes those rows; a decode step computes one token per sequence in the absorbed form (``q_nope`` through
+  ``kv_b``'s key part, scores and the weighted sum over the cached latent, ``kv_b``'s value part after), the same
+  function reassociated: float32 logits agree with a full forward pass to rounding (~1e-6 relative). FP8 ``kv_b``
+  is dequantized once for it when the FP8 GEMM path keeps the other weights FP8. ``decode(static=True)`` runs
+  every local expert with zero weights where not chosen: fixed shapes, no host sync, as a CUDA graph needs.
 """
 
 from __future__ import annotations
@@ -242,12 +250,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
+@dataclass
+class KVCache:
+    """The decoding cache, allocated once: for every main layer, batch slot and position, MLA's compact latent
+    after ``kv_a_layernorm`` (``kv_lora_rank`` values) and the rotated shared rope key (``qk_rope_head_dim``):
+    ``data`` [layers, batch, max_len, kv_lora_rank + rope dims] in the compute dtype (576 values per token and layer
+    on V3, instead of heads x (192 + 128) for expanded keys and values). ``cos``/``sin`` [max_len, rope dims / 2]
+    hold the rope tables of every position, so a step reads them on the device."""
+
+    data: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[2]
+
+
+@dataclass
+class Step:
+    """What a decoding step needs besides the tokens (built on the device from ``positions``, no host sync)."""
+
+    cache: KVCache
+    positions: torch.Tensor  # [B] position of each sequence's new token
+    rows: torch.Tensor  # [B] 0 .. B-1, the cache slots
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, rope dims / 2]
+    mask: torch.Tensor  # [B, kv_len] True where a cached position lies after the new token (not attended)
+    kv_len: int  # cached positions attended to (max_len for a CUDA graph: static shapes)
+    static: bool  # fixed shapes and no host sync (CUDA graph capture)
+
+
 class Layer:
     """One decoder block's weights (this rank's pieces), read on construction."""
 
     def __init__(self, env: Env, L: int):
         cfg, p = env.cfg, f"model.layers.{L}."
         self.env, self.L = env, L
+        self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # kv_b's key and value parts (decode)
         self.attn_norm = env.norm(p + "input_layernorm.weight")
         self.ffn_norm = env.norm(p + "post_attention_layernorm.weight")
         if cfg.has_q_lora:
@@ -277,34 +320,98 @@ class Layer:
             self.mlp = tuple(env.linear(p + f"mlp.{m}.weight") for m in ("gate_proj", "up_proj", "down_proj"))
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, x: torch.Tensor, lens: list[int], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x`` [sum(lens), H]: the prompts' tokens concatenated; attention stays within each prompt."""
+    def __call__(
+        self,
+        x: torch.Tensor,
+        lens: list[int],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[KVCache, list[int]] | None = None,
+    ) -> torch.Tensor:
+        """``x`` [sum(lens), H]: the prompts' tokens concatenated; attention stays within each prompt. With ``kv``
+        (a cache and one slot per prompt), each prompt's latent and rope key are also written to its slot."""
         eps = self.env.cfg.rms_norm_eps
-        x = x + self.attention(rms_norm(x, self.attn_norm, eps), lens, rope)
-        h = rms_norm(x, self.ffn_norm, eps)
-        return x + (self.moe_ffn(h) if self.moe else self.env.group.all_reduce(_mlp(self.mlp, h)))
+        x = x + self.attention(rms_norm(x, self.attn_norm, eps), lens, rope, kv)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, eps))
 
-    def attention(self, x: torch.Tensor, lens: list[int], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def ffn(self, h: torch.Tensor, static: bool = False) -> torch.Tensor:
+        return self.moe_ffn(h, static) if self.moe else self.env.group.all_reduce(_mlp(self.mlp, h))
+
+    def _q(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.env.cfg
+        q = self.wq_b(rms_norm(self.wq_a(x), self.q_norm, cfg.rms_norm_eps)) if cfg.has_q_lora else self.wq(x)
+        return q.view(x.shape[0], -1, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+
+    def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normed latent [n, kv_lora_rank] and the unrotated shared rope key [n, rope dims]."""
+        cfg = self.env.cfg
+        latent, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        return rms_norm(latent, self.kv_norm, cfg.rms_norm_eps), k_pe
+
+    def attention(
+        self,
+        x: torch.Tensor,
+        lens: list[int],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[KVCache, list[int]] | None = None,
+    ) -> torch.Tensor:
         cfg, env = self.env.cfg, self.env
         nope, rd, vd = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         nh = cfg.num_attention_heads // env.group.world
-        q = self.wq_b(rms_norm(self.wq_a(x), self.q_norm, cfg.rms_norm_eps)) if cfg.has_q_lora else self.wq(x)
-        q = q.view(-1, nh, nope + rd)
-        kv = self.wkv_a(x)
-        latent, k_pe = kv.split([cfg.kv_lora_rank, rd], dim=-1)
-        kvb = self.wkv_b(rms_norm(latent, self.kv_norm, cfg.rms_norm_eps)).view(-1, nh, nope + vd)
+        q = self._q(x)
+        latent, k_pe = self._latent(x)
+        kvb = self.wkv_b(latent).view(-1, nh, nope + vd)
         k_nope, v = kvb.split([nope, vd], dim=-1)
         cos, sin = rope
         q = torch.cat([q[..., :nope], apply_rope(q[..., nope:], cos, sin)], dim=-1)
         k_pe = apply_rope(k_pe[:, None, :], cos, sin)
+        if kv is not None:
+            cache, slots = kv
+            rows = torch.cat([latent, k_pe[:, 0]], dim=-1)
+            for sl, slot in zip(_slices(lens), slots):
+                cache.data[self.L, slot, : sl.stop - sl.start] = rows[sl]
         k = torch.cat([k_nope, k_pe.expand(-1, nh, rd)], dim=-1)
         out = torch.empty((x.shape[0], nh, vd), dtype=x.dtype, device=x.device)
-        start = 0
-        for T in lens:
-            sl = slice(start, start + T)
+        for sl in _slices(lens):
             out[sl] = _causal_attention(q[sl], k[sl], v[sl], cfg.softmax_scale)
-            start += T
         return env.group.all_reduce(self.wo(out.reshape(x.shape[0], nh * vd)))
+
+    # ------------------------------------------------------------------ one decoding step
+    def prepare_decode(self) -> None:
+        """``kv_b`` split per head into its key and value parts, for the absorbed attention: the layer's dense
+        weight when it has one, else dequantized once here (never again per step)."""
+        cfg, env = self.env.cfg, self.env
+        w = self.wkv_b.w if self.wkv_b.s is None else env.ops.weight_dequant(self.wkv_b.w, self.wkv_b.s, env.block)
+        w = w.to(env.dtype).view(cfg.num_attention_heads // env.group.world, -1, cfg.kv_lora_rank)
+        self.absorbed = (w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :])
+
+    def decode(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """One new token per sequence: ``x`` [B, H] at ``step.positions``; writes this token's cache row."""
+        eps = self.env.cfg.rms_norm_eps
+        x = x + self.absorbed_attention(rms_norm(x, self.attn_norm, eps), step)
+        return x + self.ffn(rms_norm(x, self.ffn_norm, eps), step.static)
+
+    def absorbed_attention(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """MLA over the cached latent: ``q_nope`` goes through ``kv_b``'s key part, scores are taken against the
+        latent (plus the rope part against the cached rope key), the weighted latent goes through ``kv_b``'s value
+        part. The same function as ``attention`` (the products are only reassociated)."""
+        cfg, env = self.env.cfg, self.env
+        nope, kvr = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        B = x.shape[0]
+        q = self._q(x)
+        latent, k_pe = self._latent(x)
+        cos, sin = step.rope
+        q_pe = apply_rope(q[..., nope:], cos, sin)
+        k_pe = apply_rope(k_pe[:, None, :], cos, sin)[:, 0]
+        c = step.cache.data[self.L]
+        c[step.rows, step.positions] = torch.cat([latent, k_pe], dim=-1)
+        c = c[:B, : step.kv_len]
+        w_k, w_v = self.absorbed
+        q_lat = torch.einsum("bhd,hdc->bhc", q[..., :nope], w_k)
+        s = torch.einsum("bhc,bsc->bhs", q_lat, c[..., :kvr]) + torch.einsum("bhr,bsr->bhs", q_pe, c[..., kvr:])
+        s = s.float().mul_(cfg.softmax_scale).masked_fill_(step.mask[:, None, :], -math.inf)
+        o = torch.einsum("bhs,bsc->bhc", s.softmax(dim=-1).to(x.dtype), c[..., :kvr])
+        o = torch.einsum("bhc,hdc->bhd", o, w_v)
+        return env.group.all_reduce(self.wo(o.reshape(B, -1)))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert indices, weights) [n, top_k], in f32."""
@@ -329,13 +436,22 @@ class Layer:
             w, idx = scores.topk(k, dim=-1)
         return idx, w * cfg.routed_scaling_factor
 
-    def moe_ffn(self, x: torch.Tensor) -> torch.Tensor:
+    def moe_ffn(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """Routed experts (only those chosen, reading which ones from the device), plus the shared experts. With
+        ``static`` every local expert runs on every row with a zero weight where it was not chosen: the same sum
+        with no host synchronization and fixed shapes, as a CUDA graph needs."""
         idx, w = self.route(x)
         y = torch.zeros_like(x)
-        for e, mlp in self.experts.items():
-            rows, slot = torch.where(idx == e)
-            if rows.numel():
-                y.index_add_(0, rows, _mlp(mlp, x[rows]) * w[rows, slot, None].to(x.dtype))
+        if static:
+            dense = torch.zeros(x.shape[0], self.env.cfg.n_routed_experts, dtype=w.dtype, device=x.device)
+            dense.scatter_(1, idx, w)
+            for e, mlp in self.experts.items():
+                y = y + _mlp(mlp, x) * dense[:, e, None].to(x.dtype)
+        else:
+            for e, mlp in self.experts.items():
+                rows, slot = torch.where(idx == e)
+                if rows.numel():
+                    y.index_add_(0, rows, _mlp(mlp, x[rows]) * w[rows, slot, None].to(x.dtype))
         if self.shared is not None:
             y = y + _mlp(self.shared, x)
         return self.env.group.all_reduce(y)
@@ -456,6 +572,70 @@ class Model:
                 out.mtp_logits = _run_mtp(env, tokens, h, lens)
         return out
 
+    # ------------------------------------------------------------------ generation: prefill, then one token a step
+    def _resident(self) -> tuple[Embedding, list[Layer], Head]:
+        if self.layers is None or self.embed is None or self.head is None:
+            raise ConfigError("generation needs the weights resident (load_model(..., stream=False))")
+        return self.embed, self.layers, self.head
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """The decoding cache for ``batch`` sequences of up to ``max_len`` tokens (zeros), and every position's rope
+        table; also prepares each layer's absorbed ``kv_b`` once."""
+        env, cfg = self.env, self.env.cfg
+        _, layers, _ = self._resident()
+        for layer in layers:
+            if layer.absorbed is None:
+                layer.prepare_decode()
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        data = torch.zeros(len(layers), batch, max_len, width, dtype=env.dtype, device=env.device)
+        cos, sin = rope_tables(cfg, torch.arange(max_len))
+        return KVCache(data, cos.to(env.device), sin.to(env.device))
+
+    def prefill(self, prompts: list[list[int]], cache: KVCache, slots: list[int] | None = None) -> torch.Tensor:
+        """Run whole prompts (non-absorbed attention, as ``forward``), write their cache rows from position 0 into
+        ``slots`` (default 0, 1, ...), and return float32 logits of each prompt's last position [n, vocab]."""
+        env, cfg = self.env, self.env.cfg
+        embed, layers, head = self._resident()
+        _check_prompts(cfg, prompts)
+        slots = list(range(len(prompts))) if slots is None else list(slots)
+        lens = [len(p) for p in prompts]
+        if len(slots) != len(prompts) or max(slots) >= cache.batch or max(lens) > cache.max_len:
+            raise ConfigError(f"{len(prompts)} prompt(s) of up to {max(lens)} tokens do not fit the cache's "
+                              f"{cache.batch} slots of {cache.max_len} positions")  # fmt: skip
+        positions = torch.cat([torch.arange(T) for T in lens]).to(env.device)
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=env.device)
+        rope = (cache.cos[positions], cache.sin[positions])
+        with torch.inference_mode():
+            h = embed(tokens)
+            for layer in layers:
+                h = layer(h, lens, rope, (cache, slots))
+            last = torch.tensor([sl.stop - 1 for sl in _slices(lens)], device=env.device)
+            return head(h[last])
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        kv_len: int | None = None,
+        static: bool = False,
+    ) -> torch.Tensor:
+        """One token for each of the first B slots: ``tokens`` and ``positions`` [B] (long, on the device). Writes
+        their cache rows, attends over cached positions ``< kv_len`` (default: all), returns float32 logits [B,
+        vocab]. Nothing here reads the device from the host, so with ``static`` (and ``kv_len`` left at the cache
+        length) a CUDA graph can capture it."""
+        embed, layers, head = self._resident()
+        kv_len = cache.max_len if kv_len is None else kv_len
+        B = tokens.shape[0]
+        rows = torch.arange(B, device=tokens.device)
+        mask = torch.arange(kv_len, device=tokens.device)[None, :] > positions[:, None]
+        step = Step(cache, positions, rows, (cache.cos[positions], cache.sin[positions]), mask, kv_len, static)
+        with torch.inference_mode():
+            h = embed(tokens)
+            for layer in layers:
+                h = layer.decode(h, step)
+            return head(h)
+
 
 def load_model(
     ck: Checkpoint,
@@ -533,6 +713,11 @@ def _run_mtp(env: Env, tokens: torch.Tensor, h: torch.Tensor, lens: list[int]) -
     return [t.cpu() for t in logits.split(mlens)]
 
 
+def _slices(lens: list[int]) -> list[slice]:
+    """Each prompt's rows in the concatenated batch."""
+    return [slice(s, s + T) for s, T in zip(_starts(lens), lens)]
+
+
 def _starts(lens: list[int]) -> list[int]:
     out, s = [], 0
     for T in lens:
@@ -541,4 +726,4 @@ def _starts(lens: list[int]) -> list[int]:
     return out
 
 
-__all__ = ["ModelOutput", "run_model", "rope_tables", "apply_rope", "rms_norm"]
+__all__ = ["KVCache", "ModelOutput", "load_model", "run_model", "rope_tables", "apply_rope", "rms_norm"]

@@ -348,3 +348,64 @@ def render_verify(r: Any) -> None:
     for f in r.failures:
         out.print(f"[red]fail:[/] {escape(f)}")
     out.print("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")
+
+
+# ---------------------------------------------------------------------- generate
+# Control characters other than newline and tab, shown as U+FFFD on a terminal: a model's text must not drive it
+# (an ESC from random weights would start an escape sequence). Files and pipes get the text as it is.
+_CONTROLS = {c: 0xFFFD for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
+
+
+def stream_text(text: str) -> None:
+    """Answer text as it is produced (stdout, unformatted, flushed at once)."""
+    sys.stdout.write(text.translate(_CONTROLS) if sys.stdout.isatty() else text)
+    sys.stdout.flush()
+
+
+def read_line(prompt: str) -> str:
+    """A line typed after ``prompt`` (line editing when the readline module is there)."""
+    try:
+        import readline  # noqa: F401  (input() then edits lines and keeps a history)
+    except ImportError:
+        pass
+    return input(prompt)
+
+
+def render_generate_plan(p: Any) -> None:
+    h = human_bytes
+    info(
+        f"memory plan: {p.device}, {p.world} rank(s), {p.dtype}, gemm {p.gemm}: ~{h(p.total_bytes)} per rank of "
+        f"{h(p.available_bytes)} free (weights {h(p.weights_bytes + p.absorbed_bytes)}, KV cache "
+        f"{h(p.cache_bytes)} for {p.batch} x {p.max_len} tokens, activations {h(p.activation_bytes)})"
+    )
+
+
+def render_generation(r: Any, streamed: bool) -> None:
+    """A finished request: its text (unless it was streamed) and one line of figures."""
+    n = len(r.output_ids)
+    rate = f", {n / r.decode_seconds:.1f} tokens/s" if r.decode_seconds > 0 else ""
+    figures = (
+        f"[{r.finish_reason}, {len(r.prompt_ids)} + {n} tokens, prefill {r.prefill_seconds:.3f} s, "
+        f"decode {r.decode_seconds:.3f} s{rate}]"
+    )
+    if streamed:
+        stream_text("\n")
+    else:
+        prompt = r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt, ensure_ascii=False)
+        out.print(f"[bold]Prompt {r.index}:[/] {escape(prompt)}", highlight=False, soft_wrap=True)
+        out.print(r.text, markup=False, highlight=False, soft_wrap=True)
+    console.print(figures, markup=False)
+
+
+def generate_ui(json_: bool) -> Any:
+    """The ``generate`` package's UI: status lines on stderr, answers on stdout (JSON lines with ``--json``)."""
+    from .generate import UI
+    from .generate.batch import json_line
+
+    def result(r: Any, streamed: bool) -> None:
+        if json_:
+            stream_text(json_line(r) + "\n")
+        else:
+            render_generation(r, streamed)
+
+    return UI(info=info, write=stream_text, read=read_line, plan=render_generate_plan, result=result)

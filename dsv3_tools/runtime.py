@@ -55,6 +55,35 @@ def resolve_engine(engine: str, device: str) -> str:
     return engine
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> ``bfloat16`` on CUDA, ``float32`` on the CPU; anything else must name a compute dtype."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise DeviceError(f"--dtype must be auto, {' or '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+def available_bytes(device: str) -> int | None:
+    """Free memory where a model would live: the GPU's (``cuda``, ``cuda:N``), or the host's ``MemAvailable``."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def local_rank() -> int:
     """This process's GPU index on its node under torchrun (0 otherwise)."""
     return int(os.environ.get("LOCAL_RANK", "0"))

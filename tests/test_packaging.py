@@ -26,9 +26,10 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
     names = zipfile.ZipFile(whl).namelist()
     assert "dsv3_tools/configs/tiny.json" in names and "dsv3_tools/configs/deepseek-v3.json" in names
     assert "dsv3_tools/kernels/weight_dequant.py" in names and "dsv3_tools/verify/run.py" in names
+    assert "dsv3_tools/generate/engine.py" in names and "dsv3_tools/chat_templates/deepseek-v3.jinja" in names
     assert not any(n.startswith("kernels/") for n in names), "kernels must not be a top-level package"
     meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("METADATA"))).decode()
-    for dep in ("torch", "triton", "safetensors", "huggingface-hub", "typer", "rich", "numpy"):
+    for dep in ("torch", "triton", "safetensors", "huggingface-hub", "typer", "rich", "numpy", "jinja2"):
         assert f"Requires-Dist: {dep}" in meta, dep
 
     venv = tmp_path / "venv"
@@ -71,6 +72,12 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
     # Every sub-package is in the wheel: verify (a package of its own) runs the model from it.
     r = subprocess.run([str(cli), "verify", "out"], cwd=work, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout + r.stderr
+    # generate: its package and the chat template (package data) come from the wheel too.
+    r = subprocess.run(
+        [str(cli), "generate", "out", "-p", "hi", "--max-new-tokens", "2", "--max-seq-len", "64", "--json"],
+        cwd=work, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0 and '"finish_reason"' in r.stdout, r.stdout + r.stderr
 
 
 def test_repo_root_does_not_shadow_a_top_level_kernels_package() -> None:

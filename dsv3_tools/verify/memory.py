@@ -4,13 +4,13 @@ whether to stream the model layer by layer."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from .. import names as N
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
+from ..runtime import available_bytes
 from .result import MemoryPlan
 
 
@@ -54,18 +54,6 @@ def _compute_bytes(ck: Checkpoint, dtype: torch.dtype, gemm: str) -> tuple[dict[
     return out, largest
 
 
-def _available(device: str) -> int | None:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def memory_plan(
     ck: Checkpoint,
     ids: list[list[int]],
@@ -94,7 +82,7 @@ def memory_plan(
     resident = total + act + transient
     # Streaming holds one layer at a time; the embedding and the head are loaded only around the layers.
     streamed = max(layers.get(big, 0), top) + act + transient
-    avail = _available(device)
+    avail = available_bytes(device)
     if stream is None:
         stream = avail is not None and resident > 0.8 * avail
     return MemoryPlan(

@@ -1,0 +1,200 @@
+"""Running requests on the model: prefill a batch, then one token per sequence per step on the KV cache.
+
+Rank 0 leads: it samples, decodes text, applies the stops and decides when a batch ends; every step it broadcasts
+the tokens to feed (with their positions and the attended length), so the other ranks (``follow``) only run the
+model on what they receive and never sample themselves. On one process the same code runs without broadcasts.
+
+Each sequence stops on its own (EOS, a stop string, ``max_new_tokens``, the cache length); a finished sequence
+keeps its slot until the batch ends, fed its last token at its last position (its output is ignored), so that
+shapes stay fixed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..model import Model
+from .batch import Request, Result, batches
+from .chat import IncrementalText, StopText, Tokenizer
+from .sampling import make_generator, next_tokens
+
+OnText = Callable[[int, str], None]  # (request index, new text)
+
+
+class _Sequence:
+    """One request's progress in a batch (rank 0)."""
+
+    def __init__(self, req: Request, tok: Tokenizer, eos: frozenset[int], max_len: int):
+        self.req, self.eos, self.max_len = req, eos, max_len
+        self.out: list[int] = []
+        self.text = IncrementalText(tok)
+        self.stops = StopText(req.stop)
+        self.generator = make_generator(req.seed)
+        self.finish: str | None = None
+        self.seconds = 0.0
+
+    @property
+    def position(self) -> int:
+        """Where the last token goes when fed (clamped once finished: the slot is idle)."""
+        return min(len(self.req.ids) + len(self.out) - 1, self.max_len - 1)
+
+    def seen(self) -> torch.Tensor:
+        return torch.tensor(self.req.ids + self.out, dtype=torch.long)
+
+    def push(self, token: int) -> str:
+        """Take the sampled token; return the text that may be shown now."""
+        self.out.append(token)
+        if token in self.eos:
+            self.finish = "eos"
+            return self.stops.feed(self.text.flush()) + self.stops.finish()
+        shown = self.stops.feed(self.text.add(token))
+        if self.stops.hit:
+            self.finish = "stop"
+        elif len(self.out) >= self.req.max_new_tokens or len(self.req.ids) + len(self.out) >= self.max_len:
+            shown += self.stops.feed(self.text.flush())
+            if not self.stops.hit:
+                shown += self.stops.finish()
+            self.finish = "stop" if self.stops.hit else "length"
+        return shown
+
+    def result(self, prefill_seconds: float) -> Result:
+        r = self.req
+        return Result(
+            r.index, r.prompt, r.ids, self.out, self.stops.text, self.finish or "interrupted", prefill_seconds,
+            self.seconds, r.seed,
+        )  # fmt: skip
+
+
+class Engine:
+    """A resident model with its KV cache for ``max_batch`` sequences of up to ``max_len`` tokens."""
+
+    def __init__(
+        self,
+        model: Model,
+        tok: Tokenizer | None,
+        max_batch: int,
+        max_len: int,
+        *,
+        cuda_graph: bool = False,
+        ignore_eos: bool = False,
+    ):
+        self.model, self.tok = model, tok
+        self.group, self.device = model.env.group, model.env.device
+        self.cache = model.new_cache(max_batch, max_len)
+        self.eos = frozenset() if ignore_eos or tok is None else tok.eos_ids
+        self.graphs = None
+        if cuda_graph:
+            from .graphs import GraphDecoder
+
+            self.graphs = GraphDecoder(model, self.cache)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    # ------------------------------------------------------------------ what every rank runs
+    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        if self.graphs is not None:
+            self.graphs.ensure(len(prompts))  # captured before the prefill: capturing writes cache rows
+        return self.model.prefill(prompts, self.cache)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs(tokens, positions)
+        return self.model.decode(tokens, positions, self.cache, kv_len)
+
+    def _send(self, obj: object) -> object:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _step_message(self, n: int, msg: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [n], positions [n], attended length, go on (1) or end the batch (0), from rank 0."""
+        import torch.distributed as dist
+
+        if msg is None:
+            msg = torch.empty(2 * n + 2, dtype=torch.long, device=self.device)
+        dist.broadcast(msg, src=0)
+        return msg
+
+    # ------------------------------------------------------------------ rank 0
+    def run(
+        self,
+        requests: list[Request],
+        on_text: OnText | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Result]:
+        """Run every request, ``max_batch`` at a time; ``on_text`` gets text as it is produced, ``should_stop``
+        is asked after each step (True ends the batch: its sequences finish as ``interrupted``)."""
+        out: list[Result] = []
+        for group in batches(requests, self.cache.batch):
+            out += self._run_batch(group, on_text, should_stop)
+        return out
+
+    def _run_batch(self, reqs: list[Request], on_text: OnText | None, should_stop) -> list[Result]:
+        assert self.tok is not None, "rank 0 needs the tokenizer"
+        n, active = len(reqs), self.group.active
+        seqs = [_Sequence(r, self.tok, self.eos, self.max_len) for r in reqs]
+        if active:
+            self._send(("batch", [r.ids for r in reqs]))
+        t0 = time.perf_counter()
+        logits = self._prefill([r.ids for r in reqs])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        prefill_seconds = t1 - t0
+        while True:
+            live = [i for i, s in enumerate(seqs) if s.finish is None]
+            tokens = next_tokens(
+                logits[live],
+                [seqs[i].req.params for i in live],
+                [seqs[i].seen() if seqs[i].req.params.repetition_penalty != 1 else None for i in live],
+                [seqs[i].generator for i in live],
+            )
+            now = time.perf_counter() - t1
+            for i, t in zip(live, tokens):
+                shown = seqs[i].push(t)
+                seqs[i].seconds = now
+                if shown and on_text is not None:
+                    on_text(seqs[i].req.index, shown)
+            if should_stop is not None and should_stop():
+                for s in seqs:
+                    if s.finish is None:
+                        s.finish, s.seconds = "interrupted", now
+            if all(s.finish is not None for s in seqs):
+                break
+            feed = [s.out[-1] for s in seqs]
+            pos = [s.position for s in seqs]
+            kv_len = max(pos) + 1
+            msg = torch.tensor(feed + pos + [kv_len, 1], dtype=torch.long, device=self.device)
+            if active:
+                self._step_message(n, msg)
+            logits = self._decode(msg[:n], msg[n : 2 * n], kv_len)
+        if active:
+            self._step_message(n, torch.zeros(2 * n + 2, dtype=torch.long, device=self.device))
+        return [s.result(prefill_seconds) for s in seqs]
+
+    def close(self) -> None:
+        """Release the other ranks from ``follow``."""
+        if self.group.active:
+            self._send(("exit", None))
+
+    # ------------------------------------------------------------------ ranks 1 ..
+    def follow(self) -> None:
+        """Run what rank 0 sends until it closes."""
+        while True:
+            kind, prompts = self._send(None)
+            if kind == "exit":
+                return
+            n = len(prompts)
+            self._prefill(prompts)
+            while True:
+                msg = self._step_message(n)
+                if int(msg[-1]) == 0:
+                    break
+                self._decode(msg[:n], msg[n : 2 * n], int(msg[-2]))
