@@ -29,7 +29,7 @@ from .errors import (
     UnsafePathError,
 )
 from .layout import INDEX_NAME, MP_HF_CONFIG, MP_MTP_RE, MP_RE, SINGLE_NAME, detect_layout, mtp_rank_file, rank_file
-from .stfile import FileHeader, TensorInfo, read_header, torch_dtype
+from .stfile import FileHeader, TensorInfo, read_header, torch_dtype, torch_shape
 from .validate import validate, validate_scales
 
 
@@ -108,7 +108,7 @@ class Checkpoint:
 
     def read_info(self, info: TensorInfo) -> torch.Tensor:
         raw = self.read_bytes(info)
-        return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
+        return raw.view(torch_dtype(info.dtype)).reshape(torch_shape(info.dtype, info.shape))
 
     def read(self, name: str) -> torch.Tensor:
         """A whole tensor by HF name (re-assembled from the rank files in the MP layout)."""
@@ -121,7 +121,7 @@ class Checkpoint:
         info = self.info(name)
         row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         raw = self.read_bytes(info, start * row, stop * row)
-        return raw.view(torch_dtype(info.dtype)).reshape((stop - start, *info.shape[1:]))
+        return raw.view(torch_dtype(info.dtype)).reshape(torch_shape(info.dtype, (stop - start, *info.shape[1:])))
 
     def _read_mp(self, name: str) -> torch.Tensor:
         parts = self.mp_parts.get(name)
