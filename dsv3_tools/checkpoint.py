@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import names as N
-from .config import ModelConfig
 from .errors import (
     CheckpointError,
     IndexMismatchError,
@@ -28,8 +28,11 @@ from .errors import (
     UnknownNameError,
     UnsafePathError,
 )
+from .family import AnyConfig, config_from_file, is_v4
 from .layout import INDEX_NAME, MP_HF_CONFIG, MP_MTP_RE, MP_RE, SINGLE_NAME, detect_layout, mtp_rank_file, rank_file
 from .stfile import FileHeader, TensorInfo, read_header, torch_dtype, torch_shape
+from .v4 import names as V4
+from .v4.validate import validate as validate_v4
 from .validate import validate, validate_scales
 
 
@@ -47,7 +50,7 @@ class Checkpoint:
 
     path: Path
     layout: str  # "hf-single" | "hf-sharded" | "mp"
-    config: ModelConfig | None
+    config: AnyConfig | None  # ModelConfig (V3 family) or V4Config
     files: list[str]
     tensors: dict[str, TensorInfo]  # HF name -> location (hf layouts; rank 0's piece for mp)
     index: dict | None = None
@@ -127,22 +130,28 @@ class Checkpoint:
         parts = self.mp_parts.get(name)
         if not parts:
             raise MissingTensorError("not in this checkpoint", tensor=name)
-        n = N.parse_hf(name)
-        if len(parts) == 1 or n.split is None or n.split == N.EXPERT:
+        split = self.split_of(name)
+        if len(parts) == 1 or not isinstance(split, int):
             return self.read_info(parts[0].info)
         pieces = [self.read_info(p.info) for p in sorted(parts, key=lambda p: p.rank)]
-        return torch.cat(pieces, dim=n.split)
+        return torch.cat(pieces, dim=split)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         """A tensor's full (re-assembled) shape; in the MP layout, pieces are concatenated on the split dim."""
         if self.layout != "mp":
             return self.tensors[name].shape
         parts = self.mp_parts[name]
-        n = N.parse_hf(name)
+        split = self.split_of(name)
         shape = list(parts[0].info.shape)
-        if isinstance(n.split, int) and len(parts) > 1:
-            shape[n.split] = sum(p.info.shape[n.split] for p in parts)
+        if isinstance(split, int) and len(parts) > 1:
+            shape[split] = sum(p.info.shape[split] for p in parts)
         return tuple(shape)
+
+    def split_of(self, name: str) -> int | str | None:
+        """The model-parallel split of a tensor (its family's name table): a dim, ``EXPERT``, or None (replicated)."""
+        if is_v4(self.config):
+            return V4.parse(name).split
+        return N.parse_hf(name).split
 
     # --------------------------------------------------------------- summaries
     def names(self) -> list[str]:
@@ -169,15 +178,15 @@ def _safe_rel(path: Path, rel: str) -> str:
     return rel
 
 
-def load_config(path: Path, layout: str) -> ModelConfig | None:
+def load_config(path: Path, layout: str) -> AnyConfig | None:
     cand = path / (MP_HF_CONFIG if layout == "mp" else "config.json")
     if not cand.is_file():
         return None
-    return ModelConfig.from_file(cand)
+    return config_from_file(cand)
 
 
 def open_checkpoint(
-    path: str | Path, *, strict: bool = True, config: ModelConfig | None = None, read_config: bool = True
+    path: str | Path, *, strict: bool = True, config: AnyConfig | None = None, read_config: bool = True
 ) -> Checkpoint:
     """Open a checkpoint folder. ``strict`` raises the first problem; otherwise problems are collected.
 
@@ -199,10 +208,12 @@ def open_checkpoint(
     elif layout == "hf-single":
         ck = _open_files(path, "hf-single", [SINGLE_NAME], problem)
     else:
-        ck = _open_mp(path, problem)
+        ck = _open_mp(path, problem, (lambda n: V4.parse(n).name) if is_v4(cfg) else N.mp_to_hf)
     ck.config = cfg
     ck.problems = problems
-    if cfg is not None:
+    if is_v4(cfg):
+        validate_v4(ck, problem)
+    elif cfg is not None:
         validate(ck, problem)
     else:
         validate_scales(ck, problem)
@@ -270,8 +281,9 @@ def _open_hf_sharded(path: Path, problem) -> Checkpoint:
     return ck
 
 
-def _open_mp(path: Path, problem) -> Checkpoint:
-    """The rank files ``model{r}-mp{N}`` and, when the MTP module was kept, its files ``mtp{r}-mp{N}``."""
+def _open_mp(path: Path, problem, to_hf: Callable[[str], str]) -> Checkpoint:
+    """The rank files ``model{r}-mp{N}`` and, when the MTP module was kept, its files ``mtp{r}-mp{N}``; each tensor
+    keyed by ``to_hf`` of its name (the family's model-parallel name -> HF name)."""
     ranks: dict[int, str] = {}
     mtp_ranks: dict[int, str] = {}
     worlds = set()
@@ -311,7 +323,7 @@ def _open_mp(path: Path, problem) -> Checkpoint:
         headers[rel] = h
         for mp_name, info in h.tensors.items():
             try:
-                hf = N.mp_to_hf(mp_name)
+                hf = to_hf(mp_name)
             except UnknownNameError as e:
                 e.file = rel
                 problem(e)

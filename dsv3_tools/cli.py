@@ -63,9 +63,17 @@ ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Built-in config 
 def synth(
     out: Annotated[Path, typer.Argument(help="New folder to write.")],
     config: ConfigOpt = "tiny",
-    dtype: Annotated[str, typer.Option(help="fp8 (block-quantized, with scales) or bf16.")] = "fp8",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="V3 family: fp8 (block-quantized, with scales; default) or bf16. DeepSeek-V4: fp4 (FP4 experts, "
+            "the release), fp8 (FP8 experts, F32 scales: -Base) or bf16; default: the config's own."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
-    shards: Annotated[int, typer.Option(help="Number of safetensors files.")] = 4,
+    shards: Annotated[
+        int, typer.Option(help="Number of safetensors files (DeepSeek-V4: the released layout, one per layer).")
+    ] = 4,
     layers: Annotated[int | None, typer.Option(help="Reduce depth to this many main layers.")] = None,
     experts: Annotated[int | None, typer.Option(help="Reduce the routed experts to this many.")] = None,
     mtp: MtpOpt = Mtp.keep,

@@ -65,3 +65,48 @@ def fp8_values(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (so -0.0 differs from +0.0 and NaN equals the same NaN)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def read_folder(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files, read by safetensors (not by dsv3_tools)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out |= load_file(f)
+    return out
+
+
+def copy_ckpt(src, dst):
+    """A writable copy of a (read-only fixture) checkpoint folder."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for p in dst.rglob("*"):
+        p.chmod(0o644 if p.is_file() else 0o755)
+    return dst
+
+
+def rewrite(folder, edit) -> None:
+    """Apply ``edit(files: file name -> {tensor name: tensor})`` to a copied HF checkpoint and fix its index."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = {f: load_file(folder / f) for f in sorted(set(index["weight_map"].values()))}
+    edit(files)
+    wmap, total = {}, 0
+    for f, ts in files.items():
+        save_file(ts, folder / f, metadata={"format": "pt"})
+        for k, v in ts.items():
+            wmap[k] = f
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def holder(files: dict, name: str) -> dict:
+    return next(ts for ts in files.values() if name in ts)

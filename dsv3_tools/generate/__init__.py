@@ -206,6 +206,7 @@ def _checked_plan(cfg, opts: Options, device: str, dtype, world: int, batch: int
 def run_generate(opts: Options, ui: UI) -> int:
     """Run ``generate``; returns the exit code (bad input raises ``Dsv3Error``)."""
     from ..checkpoint import open_checkpoint
+    from ..family import is_v4
     from ..model import load_model
     from ..runtime import init_distributed, resolve_device, resolve_dtype, resolve_engine
     from .batch import batches
@@ -230,6 +231,8 @@ def run_generate(opts: Options, ui: UI) -> int:
     cfg = ck.config
     if cfg is None:
         raise ConfigError(f"{opts.ckpt}: no model config (config.json, or hf_config.json beside MP shards)")
+    if is_v4(cfg):
+        raise Dsv3Error(f"{opts.ckpt}: generate does not run DeepSeek-V4 yet (its model is not implemented here)")
     if world > 1 and ck.layout == "mp" and ck.world != world:
         raise Dsv3Error(f"torchrun started {world} processes but {opts.ckpt} is MP-{ck.world}: use {ck.world}")
     max_len = max_seq_len(opts, cfg)

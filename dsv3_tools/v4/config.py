@@ -166,7 +166,7 @@ class V4Config:
         out["model_type"] = self.model_type
         if self.quant is None:
             out.pop("quantization_config", None)
-        elif not isinstance(out.get("quantization_config"), dict):
+        elif not _same_quant(out.get("quantization_config"), self.quant):
             q = {"activation_scheme": self.quant.activation_scheme, "fmt": self.quant.fmt, "quant_method": "fp8"}
             if self.quant.scale_fmt:
                 q["scale_fmt"] = self.quant.scale_fmt
@@ -260,6 +260,13 @@ def _quant(q: Any) -> QuantConfig | None:
     return QuantConfig(
         block=(128, 128), scale_fmt=q.get("scale_fmt"), activation_scheme=q.get("activation_scheme", "dynamic")
     )
+
+
+def _same_quant(raw: Any, quant: QuantConfig) -> bool:
+    try:
+        return _quant(raw) == quant
+    except ConfigError:
+        return False
 
 
 def _parse(d: dict[str, Any]) -> V4Config:
