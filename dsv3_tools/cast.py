@@ -26,7 +26,8 @@ import torch
 
 from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import ConfigError, DeviceError, LayoutError
+from .errors import ConfigError, DeviceError, LayoutError, ScaleValueError
+from .family import is_v4
 from .layout import INDEX_NAME
 from .output import Output, OutputPlan, plan_output, sidecar_files
 from .pipeline import ReadAhead
@@ -37,6 +38,8 @@ from .writer import SafetensorsWriter, read_manifest, source_fingerprint, tensor
 Progress = Callable[[int], None]
 FP8_BF16 = "fp8-bf16"
 BF16_FP8 = "bf16-fp8"
+TO_BF16 = "to-bf16"  # DeepSeek-V4: FP8 and FP4 weights to BF16 (``cast fp8-bf16`` and ``cast to-bf16`` on V4)
+FP4_FP8 = "fp4-fp8"  # DeepSeek-V4: FP4 experts to FP8
 MTP_MODES = ("keep", "drop")
 SCALE_FMTS = ("f32", "ue8m0")
 COPY_CHUNK = 32 << 20  # bytes per read of a pass-through tensor
@@ -78,17 +81,22 @@ class CastReport:
 
 
 @dataclass
-class _Op:
-    kind: str  # "copy" | "dequant" | "quant"
+class Op:
+    """What one input tensor becomes. ``kind``: "copy"; "dequant" (block FP8 -> BF16; F32 or E8M0 scales);
+    "quant" (BF16 -> block FP8 + F32 scales); DeepSeek-V4's "dequant_fp4" (FP4 + 1x32 E8M0 -> BF16) and "fp4_fp8"
+    (FP4 -> FP8 + 128x128 E8M0, exact or refused)."""
+
+    kind: str
     info: TensorInfo
-    scale: TensorInfo | None = None  # dequant: the scale tensor (possibly in another file)
+    scale: TensorInfo | None = None  # the input scale tensor (possibly in another file)
+    scale_out: str | None = None  # quant, fp4_fp8: the name of the scale written after the weight
 
 
 @dataclass
-class _FilePlan:
+class FilePlan:
     name: str
     entries: list[Entry]
-    ops: list[_Op]
+    ops: list[Op]
     bytes_in: int
     size: int
 
@@ -99,7 +107,7 @@ class CastPlan:
 
     direction: str  # FP8_BF16 | BF16_FP8
     ck: Checkpoint = field(repr=False)
-    files: list[_FilePlan] = field(repr=False)
+    files: list[FilePlan] = field(repr=False)
     output: OutputPlan
     device: str  # "cpu" or a CUDA device (fp8-bf16 only)
     workers: int | None  # CPU threads (None: all cores)
@@ -112,7 +120,7 @@ class CastPlan:
 
     @property
     def n_cast(self) -> int:
-        return len(self.extra["fp8_weights"])
+        return sum(1 for p in self.files for op in p.ops if op.kind != "copy")
 
     def report(self, dry_run: bool = True) -> CastReport:
         files = [
@@ -139,6 +147,10 @@ def plan_fp8_to_bf16(
     cfg = ck.config
     if not cfg.is_fp8:
         raise ConfigError(f"{src}: not an FP8 checkpoint (config.json has no quantization_config)")
+    if is_v4(cfg):
+        from .v4.cast import plan_v4_cast
+
+        return plan_v4_cast(ck, dst, TO_BF16, device=device, workers=workers, mtp=mtp)
     dev = resolve_device(device, kernel=_gpu_kernel)
     block = cfg.block_size
     plans, dropped = _plan(ck, FP8_BF16, mtp=mtp, selected=set(), block=block)
@@ -146,7 +158,7 @@ def plan_fp8_to_bf16(
     qc = json.loads((src / "config.json").read_text()).get("quantization_config")
     extra = {"fp8_weights": fp8_weights, "quantization_config": qc, "block": list(block)}
     job = {"stage": "cast", "direction": FP8_BF16, "mtp": mtp}
-    return _cast_plan(ck, dst, FP8_BF16, plans, dropped, job, extra, dev, workers, mtp, block, None)
+    return finish_plan(ck, dst, FP8_BF16, plans, dropped, job, extra, dev, workers, mtp, block, None)
 
 
 def plan_bf16_to_fp8(
@@ -169,6 +181,8 @@ def plan_bf16_to_fp8(
         raise ConfigError(f"--scale-fmt must be one of {', '.join(SCALE_FMTS)}, got {scale_fmt!r}")
     ck = _open_input(src)
     cfg = ck.config
+    if is_v4(cfg):
+        raise ConfigError(f"{src}: cast bf16-fp8 re-quantizes V3-family checkpoints; DeepSeek-V4 is not supported yet")
     if cfg.is_fp8:
         raise ConfigError(f"{src}: already an FP8 checkpoint (config.json has a quantization_config)")
     record = read_manifest(src) or {}
@@ -211,7 +225,23 @@ def plan_bf16_to_fp8(
     else:
         qc.pop("modules_to_not_convert", None)
     extra = {"fp8_weights": fp8_weights, "quantization_config": qc, "block": list(block), "selected_by": origin}
-    return _cast_plan(ck, dst, BF16_FP8, plans, dropped, job, extra, "cpu", None, mtp, block, fmt)
+    return finish_plan(ck, dst, BF16_FP8, plans, dropped, job, extra, "cpu", None, mtp, block, fmt)
+
+
+def plan_fp4_to_fp8(
+    src: str | Path, dst: str | Path, *, device: str = "auto", workers: int | None = None, mtp: str = "keep"
+) -> CastPlan:
+    """Plan re-encoding the FP4 routed experts of the DeepSeek-V4 folder ``src`` as FP8 with 128x128 E8M0 scales in a
+    new folder ``dst`` (for GPUs without FP4 tensor cores), exactly: every expert scale is read first, and a block
+    FP8 cannot hold exactly is refused, naming the tensor and the block, before anything is written."""
+    src, dst = Path(src), Path(dst)
+    _check_mtp(mtp)
+    ck = _open_input(src)
+    if not is_v4(ck.config):
+        raise ConfigError(f"{src}: cast fp4-fp8 converts DeepSeek-V4's FP4 experts; this is {ck.config.model_type}")
+    from .v4.cast import plan_v4_cast
+
+    return plan_v4_cast(ck, dst, FP4_FP8, device=device, workers=workers, mtp=mtp)
 
 
 def cast_fp8_to_bf16(
@@ -264,13 +294,13 @@ def _open_input(src: Path) -> Checkpoint:
 
 def _plan(
     ck: Checkpoint, direction: str, *, mtp: str, selected: set[str], block: tuple[int, int]
-) -> tuple[list[_FilePlan], int]:
+) -> tuple[list[FilePlan], int]:
     """Output files (same names as the input's), their tensors in input byte order, and the work for each."""
-    plans: list[_FilePlan] = []
+    plans: list[FilePlan] = []
     dropped = 0
     for rel in sorted(ck.files):
         entries: list[Entry] = []
-        ops: list[_Op] = []
+        ops: list[Op] = []
         bytes_in = 0
         for info in sorted(ck.headers[rel].tensors.values(), key=lambda i: i.start):
             name = info.name
@@ -283,28 +313,28 @@ def _plan(
                 if info.dtype == "F8_E4M3":
                     sinfo = ck.tensors[N.scale_name(name)]  # presence and shape checked by open_checkpoint
                     entries.append((name, "BF16", info.shape))
-                    ops.append(_Op("dequant", info, sinfo))
+                    ops.append(Op("dequant", info, sinfo))
                     bytes_in += info.nbytes + sinfo.nbytes
                     continue
             elif name in selected:
                 grid = tuple(-(-d // b) for d, b in zip(info.shape, block))
                 entries += [(name, "F8_E4M3", info.shape), (N.scale_name(name), "F32", grid)]
-                ops.append(_Op("quant", info))
+                ops.append(Op("quant", info, scale_out=N.scale_name(name)))
                 bytes_in += info.nbytes
                 continue
             entries.append((name, info.dtype, info.shape))
-            ops.append(_Op("copy", info))
+            ops.append(Op("copy", info))
             bytes_in += info.nbytes
         if entries:
-            plans.append(_FilePlan(rel, entries, ops, bytes_in, planned_size(entries, {"format": "pt"})))
+            plans.append(FilePlan(rel, entries, ops, bytes_in, planned_size(entries, {"format": "pt"})))
     return plans, dropped
 
 
-def _cast_plan(
+def finish_plan(
     ck: Checkpoint,
     dst: Path,
     direction: str,
-    files: list[_FilePlan],
+    files: list[FilePlan],
     dropped: int,
     job: dict,
     extra: dict,
@@ -313,13 +343,15 @@ def _cast_plan(
     mtp: str,
     block: tuple[int, int],
     scale_fmt: str | None,
+    config: dict | None = None,
 ) -> CastPlan:
-    """The output side of a cast plan: the same file names as the input's, its sidecars, config and index last."""
+    """The output side of a cast plan: the same file names as the input's, its sidecars, config (``config``, or the
+    input's with the quantization and MTP settings of a V3-family cast) and index last."""
     src = ck.path
     sidecars = sidecar_files(src)
     job = job | {"source": source_fingerprint(src, [*ck.files, "config.json", *sidecars])}
     out = plan_output(src, dst, job, {p.name: p.size for p in files}, sidecars)
-    config = _out_config(src, direction, mtp, extra)
+    config = config if config is not None else _out_config(src, direction, mtp, extra)
     return CastPlan(direction, ck, files, out, device, workers, mtp, block, scale_fmt, dropped, extra, config)
 
 
@@ -376,7 +408,7 @@ def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
     return report
 
 
-def _write_file(plan: CastPlan, fp: _FilePlan, advance: Progress, pool: ThreadPoolExecutor, depth: int):
+def _write_file(plan: CastPlan, fp: FilePlan, advance: Progress, pool: ThreadPoolExecutor, depth: int):
     """Stream one output file: a reader thread fetches chunks, ``pool`` converts them (torch ops release the GIL),
     this thread hands results to the writer in order, whose threads hash and write. Every buffer handed on is fresh,
     so the stages overlap without copies."""
@@ -391,25 +423,29 @@ def _write_file(plan: CastPlan, fp: _FilePlan, advance: Progress, pool: ThreadPo
         op, fut, last, nbytes = pending.popleft()
         res = fut.result() if isinstance(fut, Future) else fut
         name = op.info.name
-        if op.kind == "quant":
+        if op.scale_out is not None:  # quant, fp4_fp8: the weight, then (after its last chunk) its new scales
             q, sc = res
             w.write_part(name, tensor_bytes(q))
             scales.append(sc)
             if last:
-                w.write_part(N.scale_name(name), tensor_bytes(torch.cat(scales)))
+                w.write_part(op.scale_out, tensor_bytes(torch.cat(scales)))
                 scales = []
         else:
             w.write_part(name, tensor_bytes(res))
         advance(nbytes)
 
     try:
-        for op, x, s, last, nbytes in chunks:
+        for op, x, s, r0, last, nbytes in chunks:
             if op.kind == "copy":
                 pending.append((op, x, last, nbytes))
             elif op.kind == "dequant":
                 pending.append((op, pool.submit(_dequant, x, s, block, device), last, nbytes))
-            else:
+            elif op.kind == "quant":
                 pending.append((op, pool.submit(_quant, x, block, scale_fmt), last, nbytes))
+            else:
+                from .v4.cast import convert_fp4
+
+                pending.append((op, pool.submit(convert_fp4, op, x, s, r0), last, nbytes))
             while len(pending) > depth:
                 flush_one()
         while pending:
@@ -426,8 +462,8 @@ def _write_file(plan: CastPlan, fp: _FilePlan, advance: Progress, pool: ThreadPo
         chunks.close()  # stops the reader and waits for it
 
 
-def _read_chunks(ck: Checkpoint, plan: _FilePlan, device: str, block: tuple[int, int]) -> Iterator[tuple]:
-    """(op, data, scale rows, last chunk of the tensor?, input bytes) in output order, bounded in size."""
+def _read_chunks(ck: Checkpoint, plan: FilePlan, device: str, block: tuple[int, int]) -> Iterator[tuple]:
+    """(op, data, scale rows, first row, last chunk of the tensor?, input bytes) in output order, bounded in size."""
     b0 = block[0]
     elems = GPU_CHUNK if device != "cpu" else CPU_CHUNK
     for op in plan.ops:
@@ -435,24 +471,37 @@ def _read_chunks(ck: Checkpoint, plan: _FilePlan, device: str, block: tuple[int,
         if op.kind == "copy":
             n = info.nbytes
             if n == 0:
-                yield op, torch.empty(0, dtype=torch.uint8), None, True, 0
+                yield op, torch.empty(0, dtype=torch.uint8), None, 0, True, 0
             for off in range(0, n, COPY_CHUNK):
                 end = min(n, off + COPY_CHUNK)
-                yield op, ck.read_bytes(info, off, end), None, end == n, end - off
+                yield op, ck.read_bytes(info, off, end), None, 0, end == n, end - off
             continue
         rows, cols = info.shape
-        scale = ck.read_info(op.scale) if op.kind == "dequant" else None  # just the scale's bytes
+        scale = ck.read_info(op.scale) if op.scale is not None else None  # just the scale's bytes
+        if scale is not None and scale.dtype == torch.float8_e8m0fnu and op.kind == "dequant":
+            scale = _e8m0_scales(scale, info.name, op.scale.file)
+        per = 1 if op.kind in ("dequant_fp4", "fp4_fp8") else b0  # weight rows per scale row: 1x32 groups, or blocks
         row_bytes = cols * DTYPE_SIZE[info.dtype]
         step = max(b0, (elems // max(cols, 1)) // b0 * b0)  # whole block rows, so that scale rows line up
         if rows == 0:
-            yield op, ck.read_info(info), scale, True, 0
+            yield op, ck.read_info(info), scale, 0, True, 0
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             raw = ck.read_bytes(info, r0 * row_bytes, r1 * row_bytes)
             x = raw.view(torch_dtype(info.dtype)).view(r1 - r0, cols)
-            s = scale[r0 // b0 : -(-r1 // b0)] if scale is not None else None
+            s = scale[r0 // per : -(-r1 // per)] if scale is not None else None
             extra = op.scale.nbytes if (scale is not None and r0 == 0) else 0
-            yield op, x, s, r1 == rows, (r1 - r0) * row_bytes + extra
+            yield op, x, s, r0, r1 == rows, (r1 - r0) * row_bytes + extra
+
+
+def _e8m0_scales(scale: torch.Tensor, name: str, file: str) -> torch.Tensor:
+    """F32 of a DeepSeek-V4 weight's E8M0 block scales (exact); a NaN byte is an error, not a NaN weight."""
+    from dsv3_tools.kernels.fp4 import E8M0_NAN, e8m0_to_f32
+
+    nan = scale.view(torch.uint8) == E8M0_NAN
+    if bool(nan.any()):
+        raise ScaleValueError(f"E8M0 scale block {nan.nonzero()[0].tolist()} is NaN (byte 255)", file=file, tensor=name)
+    return e8m0_to_f32(scale)
 
 
 def _quant(x: torch.Tensor, block: tuple[int, int], scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -163,7 +163,7 @@ def test_v41_is_refused_in_one_line(
     cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text(json.dumps(cfg | {"model_type": "deepseek_v41"}))
     cmds = (["inspect", str(ck)], ["verify", str(ck)], ["shard", str(ck), str(tmp_path / "o"), "--mp", "2"])
-    for cmd in cmds:
+    for cmd in (*cmds, ["cast", "to-bf16", str(ck), str(tmp_path / "c")]):
         code, err = main_exit(cmd, capsys, monkeypatch)
         errors = [line for line in err.splitlines() if line.startswith("error:")]  # (verify draws a progress bar)
         assert code == 2 and len(errors) == 1 and "DeepSeek-V4.1" in errors[0], (cmd, err)

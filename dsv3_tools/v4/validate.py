@@ -158,6 +158,7 @@ def _piece(ck: Checkpoint, name: str, scale: TensorInfo) -> TensorInfo | None:
 
 
 def _scale_problem(ck: Checkpoint, info: TensorInfo, weight: TensorInfo | None) -> str | None:
+    """What is wrong with the values of one scale tensor, or None."""
     s = ck.read_info(info)
     if info.dtype == "F32":
         bad = ~(torch.isfinite(s) & (s > 0))
