@@ -28,7 +28,16 @@ from .errors import (
     UnknownNameError,
     UnsafePathError,
 )
-from .layout import INDEX_NAME, MP_HF_CONFIG, MP_MTP_RE, MP_RE, SINGLE_NAME, detect_layout, mtp_rank_file, rank_file
+from .layout import (
+    INDEX_NAME,
+    MP_MTP_RE,
+    MP_RE,
+    SINGLE_NAME,
+    detect_layout,
+    mp_config_files,
+    mtp_rank_file,
+    rank_file,
+)
 from .stfile import FileHeader, TensorInfo, read_header, torch_dtype
 from .validate import validate, validate_scales
 
@@ -170,7 +179,7 @@ def _safe_rel(path: Path, rel: str) -> str:
 
 
 def load_config(path: Path, layout: str) -> ModelConfig | None:
-    cand = path / (MP_HF_CONFIG if layout == "mp" else "config.json")
+    cand = mp_config_files(path)[0] if layout == "mp" else path / "config.json"
     if not cand.is_file():
         return None
     return ModelConfig.from_file(cand)

@@ -189,6 +189,7 @@ def render_shard_plan(plan: Any) -> None:
         _disk_row(plan.bytes_needed, plan.free_bytes),
         ("valid --mp", ", ".join(map(str, plan.valid_mp))),
         ("sidecars", ", ".join(plan.sidecars)),
+        ("upstream demo", plan.upstream_command),
     ]
     kv_table(f"shard plan: --mp {plan.mp} --mtp {plan.mtp}", rows)
 
@@ -199,6 +200,7 @@ def render_shard_result(r: Any) -> None:
         f"wrote {r.mp - kept} rank file(s) ({human_bytes(r.bytes_written)}), kept {kept}, "
         f"read {human_bytes(r.bytes_read)} in {r.seconds:.1f} s to {r.dst}"
     )
+    info(f"upstream demo (from its inference/ folder): {r.upstream_command}")
 
 
 # ---------------------------------------------------------------------- download

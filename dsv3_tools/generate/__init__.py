@@ -229,7 +229,7 @@ def run_generate(opts: Options, ui: UI) -> int:
     ck = open_checkpoint(opts.ckpt)
     cfg = ck.config
     if cfg is None:
-        raise ConfigError(f"{opts.ckpt}: no model config (config.json, or hf_config.json beside MP shards)")
+        raise ConfigError(f"{opts.ckpt}: no model config (config.json)")
     if world > 1 and ck.layout == "mp" and ck.world != world:
         raise Dsv3Error(f"torchrun started {world} processes but {opts.ckpt} is MP-{ck.world}: use {ck.world}")
     max_len = max_seq_len(opts, cfg)
