@@ -381,3 +381,22 @@ def test_inputs_untouched(tiny_fp8: Path, tmp_path: Path) -> None:
     before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tiny_fp8.iterdir()}
     S.shard_checkpoint(tiny_fp8, tmp_path / "o", mp=4, mtp="keep")
     assert before == {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tiny_fp8.iterdir()}
+
+
+def test_old_folder_names_are_still_read(tiny_fp8: Path, tmp_path: Path) -> None:
+    """Folders written before config.json became the HF config (ModelArgs in config.json, HF config in
+    hf_config.json) still open, validate and pass their structural checks."""
+    from dsv3_tools.verify.structure import check_structure
+
+    dst = tmp_path / "old"
+    S.shard_checkpoint(tiny_fp8, dst, mp=2, mtp="drop")
+    (dst / "config.json").rename(dst / "hf_config.json")
+    (dst / "model_args.json").rename(dst / "config.json")
+    ck = open_checkpoint(dst)
+    assert ck.config is not None and ck.config.num_nextn_predict_layers == 0
+    problems, _ = check_structure(ck)
+    assert problems == [], problems
+    args = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(args | {"dim": args["dim"] + 1}))  # the ModelArgs are still checked
+    problems, _ = check_structure(open_checkpoint(dst))
+    assert [(p["kind"], p["file"]) for p in problems] == [("config_args", "config.json")], problems
