@@ -46,6 +46,7 @@ class InspectReport:
     bytes_mtp: int
     file_bytes: int
     problems: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -121,6 +122,7 @@ def inspect_checkpoint(path: str | Path) -> InspectReport:
         bytes_mtp=nbytes["mtp"],
         file_bytes=ck.total_bytes(),
         problems=problems,
+        warnings=list(ck.warnings),
     )
 
 

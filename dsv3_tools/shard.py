@@ -87,6 +87,7 @@ class ShardReport:
     seconds: float = 0.0
     model_args: dict = field(default_factory=dict)
     upstream_command: str = ""  # the upstream demo's command line for this folder
+    warnings: list[str] = field(default_factory=list)  # input metadata that is off but changes no tensor
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -230,7 +231,7 @@ class ShardPlan:
             str(self.ck.path), str(self.output.dst), self.mp, self.mtp, self.dtype, dry_run, files,
             self.output.sidecars, len(self.ck.tensors), self.dropped, read, sum(self.sizes[n] for n in pending),
             self.output.needed, self.output.free, self.output.fits, self.valid, 0.0, self.model_args,
-            upstream_command(self.output.dst, self.mp),
+            upstream_command(self.output.dst, self.mp), list(self.ck.warnings),
         )  # fmt: skip
 
 

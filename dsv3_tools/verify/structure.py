@@ -43,7 +43,7 @@ def check_structure(
 ) -> tuple[list[dict], list[str]]:
     """Structural problems and warnings beyond what ``open_checkpoint`` collects (which are included)."""
     problems = [p.as_dict() for p in ck.problems]
-    warnings: list[str] = []
+    warnings: list[str] = list(ck.warnings)
     if ck.config is None:
         problems.append(problem("config", "no config: names, shapes and dtypes cannot be checked", "config.json"))
         return problems, warnings
@@ -88,9 +88,7 @@ def _check_model_args(ck: Checkpoint) -> list[dict]:
             and args[k] != v
             and not (isinstance(v, float) and isinstance(args[k], (int, float)) and float(args[k]) == v)
         ):
-            out.append(
-                problem("config_args", f"ModelArgs {k}={args[k]!r} but {hf.name} implies {v!r}", f)
-            )
+            out.append(problem("config_args", f"ModelArgs {k}={args[k]!r} but {hf.name} implies {v!r}", f))
     dt = args.get("dtype", "bf16")
     if (dt == "fp8") != cfg.is_fp8:
         out.append(
