@@ -75,6 +75,7 @@ class CastReport:
     seconds: float = 0.0
     scale_fmt: str | None = None
     kept: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # input metadata that is off but changes no tensor
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +132,7 @@ class CastPlan:
             self.direction, str(self.ck.path), str(self.output.dst), self.device, dry_run, files,
             self.output.sidecars, self.n_cast, sum(1 for p in self.files for op in p.ops if op.kind == "copy"),
             self.dropped, sum(p.bytes_in for p in self.files), sum(p.size for p in self.files), self.output.needed,
-            self.output.free, scale_fmt=self.scale_fmt,
+            self.output.free, scale_fmt=self.scale_fmt, warnings=list(self.ck.warnings),
         )  # fmt: skip
 
 

@@ -29,7 +29,16 @@ from .errors import (
     UnsafePathError,
 )
 from .family import AnyConfig, config_from_file, is_v4
-from .layout import INDEX_NAME, MP_HF_CONFIG, MP_MTP_RE, MP_RE, SINGLE_NAME, detect_layout, mtp_rank_file, rank_file
+from .layout import (
+    INDEX_NAME,
+    MP_MTP_RE,
+    MP_RE,
+    SINGLE_NAME,
+    detect_layout,
+    mp_config_files,
+    mtp_rank_file,
+    rank_file,
+)
 from .stfile import FileHeader, TensorInfo, read_header, torch_dtype, torch_shape
 from .v4 import names as V4
 from .v4.validate import validate as validate_v4
@@ -57,6 +66,7 @@ class Checkpoint:
     world: int = 1
     mp_parts: dict[str, list[MpPart]] = field(default_factory=dict)  # HF name -> per-rank pieces (mp only)
     problems: list[CheckpointError] = field(default_factory=list)  # found while opening (lenient mode)
+    warnings: list[str] = field(default_factory=list)  # metadata that is off but changes no tensor
     headers: dict[str, FileHeader] = field(default_factory=dict)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
@@ -179,7 +189,7 @@ def _safe_rel(path: Path, rel: str) -> str:
 
 
 def load_config(path: Path, layout: str) -> AnyConfig | None:
-    cand = path / (MP_HF_CONFIG if layout == "mp" else "config.json")
+    cand = mp_config_files(path)[0] if layout == "mp" else path / "config.json"
     if not cand.is_file():
         return None
     return config_from_file(cand)
@@ -276,8 +286,13 @@ def _open_hf_sharded(path: Path, problem) -> Checkpoint:
         if name not in wmap:
             problem(IndexMismatchError("stored but missing from the index", file=info.file, tensor=name))
     total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
-    if total is not None and total != sum(i.nbytes for i in ck.tensors.values()) and not bad:
-        problem(IndexMismatchError(f"index total_size {total} != sum of tensor bytes", file=INDEX_NAME))
+    tensor_bytes = sum(i.nbytes for i in ck.tensors.values())
+    if total is not None and total != tensor_bytes and not bad:
+        # Some tools write file sizes there, hand-edited repos forget it: no tensor changes, so not a reason to refuse.
+        ck.warnings.append(
+            f"{INDEX_NAME}: metadata.total_size is {total}, the tensors hold {tensor_bytes} bytes "
+            "(outputs of cast get the right value)"
+        )
     return ck
 
 

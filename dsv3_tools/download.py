@@ -76,6 +76,7 @@ class DownloadReport:
     transferred_bytes: int = 0
     seconds: float = 0.0
     problems: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # metadata that is off but changes no file's content
 
     @property
     def ok(self) -> bool:
@@ -223,6 +224,7 @@ def run_download(
             r.problems.append({"kind": f.state, "file": f.name, "message": f.problem})
     if o["verify"]:
         r.problems += _index_problems(layout.final, files, plan.repo_names)
+        r.warnings += _index_warnings(layout.final, files)
     if good:
         try:
             _register(
@@ -688,6 +690,37 @@ def _index_problems(where: Callable[[FileEntry], Path], files: list[FileEntry], 
         elif by_name[name].state == "planned":  # bad or failed files are named already
             problems.append({"kind": "missing_file", "file": name, "message": "named in the index but not downloaded"})
     return problems
+
+
+def _index_warnings(where: Callable[[FileEntry], Path], files: list[FileEntry]) -> list[str]:
+    """The index's ``metadata.total_size`` against the tensor bytes of the files it names (each file's size less its
+    header, read from its first 8 bytes): a wrong value changes no tensor, so it is a warning, not a problem."""
+    import json
+
+    by_name = {f.name: f for f in files}
+    idx = by_name.get(INDEX_NAME)
+    if idx is None or idx.state not in ("present", "fetched", "resumed"):
+        return []
+    try:
+        index = json.loads(where(idx).read_text())
+        total, names = index["metadata"]["total_size"], set(index["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a missing total_size is not checked here; an unreadable index is a problem already
+    data = 0
+    for name in sorted(names):
+        f = by_name.get(name)
+        if f is None or f.state not in ("present", "fetched", "resumed"):
+            return []  # not every shard is here: nothing to compare with
+        try:
+            with open(where(f), "rb") as fh:
+                data += f.size - 8 - int.from_bytes(fh.read(8), "little")
+        except OSError:
+            return []
+    if total == data:
+        return []
+    return [
+        f"{INDEX_NAME}: metadata.total_size is {total}, the shards' tensors hold {data} bytes (no tensor is affected)"
+    ]
 
 
 def _register(layout, repo_id, revision, commit, good, endpoint, token, cache_dir, max_workers) -> None:

@@ -51,6 +51,7 @@ class InspectReport:
     bytes_mtp: int
     file_bytes: int
     problems: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     variant: str | None = None  # DeepSeek-V4: the release the storage format matches (instruct FP4, -Base FP8, ...)
     layer_kinds: dict[str, int] | None = None  # DeepSeek-V4: layers per attention kind, hash-routed layers
 
@@ -127,6 +128,7 @@ def inspect_checkpoint(path: str | Path) -> InspectReport:
         bytes_mtp=nbytes["mtp"],
         file_bytes=ck.total_bytes(),
         problems=problems,
+        warnings=list(ck.warnings),
         variant=v4.get("variant"),
         layer_kinds=v4.get("layer_kinds"),
     )

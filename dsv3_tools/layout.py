@@ -3,8 +3,10 @@
 - ``hf-sharded``: ``model-00001-of-000163.safetensors`` ... plus ``model.safetensors.index.json``;
 - ``hf-single``: one ``model.safetensors``;
 - ``mp``: the official model-parallel layout, ``model{r}-mp{N}.safetensors`` for r = 0..N-1 (what the upstream
-  demo loads, one file per rank), the MTP module (when kept) in ``mtp{r}-mp{N}.safetensors``, with ``config.json``
-  holding the demo's ``ModelArgs`` and ``hf_config.json`` the original HF config.
+  demo loads, one file per rank), the MTP module (when kept) in ``mtp{r}-mp{N}.safetensors``, the Hugging Face
+  ``config.json`` (what transformers' ``AutoTokenizer`` reads there) and the demo's ``ModelArgs`` in
+  ``model_args.json`` (its ``--config``). Folders written before that naming hold the ModelArgs in ``config.json``
+  and the HF config in ``hf_config.json``; they are still read.
 
 No torch here: ``download`` uses these names too.
 """
@@ -21,7 +23,8 @@ SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "dsv3-manifest.json"
 MP_RE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 MP_MTP_RE = re.compile(r"^mtp(\d+)-mp(\d+)\.safetensors$")
-MP_HF_CONFIG = "hf_config.json"  # the original HF config kept beside MP shards (config.json holds the demo's args)
+MODEL_ARGS_NAME = "model_args.json"  # the upstream demo's ModelArgs beside MP shards (its --config)
+OLD_MP_HF_CONFIG = "hf_config.json"  # the HF config in MP folders written before config.json became the HF config
 
 
 def rank_file(rank: int, world: int) -> str:
@@ -33,6 +36,22 @@ def mtp_rank_file(rank: int, world: int) -> str:
     """Where ``shard`` keeps rank ``rank``'s piece of the MTP module: beside its rank file, not in it, because the
     upstream demo loads rank files strictly and has no MTP layer."""
     return f"mtp{rank}-mp{world}.safetensors"
+
+
+def mp_config_files(path: Path) -> tuple[Path, Path]:
+    """(the HF config, the demo's ModelArgs) of an MP folder: ``config.json`` and ``model_args.json``, or in a folder
+    written before that naming, ``hf_config.json`` and ``config.json``."""
+    if (path / OLD_MP_HF_CONFIG).is_file() and not (path / MODEL_ARGS_NAME).is_file():
+        return path / OLD_MP_HF_CONFIG, path / "config.json"
+    return path / "config.json", path / MODEL_ARGS_NAME
+
+
+def upstream_command(folder: str | Path, world: int) -> str:
+    """The upstream demo's command line for an MP-``world`` folder written by ``shard`` (run from its inference/)."""
+    return (
+        f"torchrun --nproc-per-node {world} generate.py --ckpt-path {folder} "
+        f"--config {Path(folder) / MODEL_ARGS_NAME} --input-file prompts.txt"
+    )
 
 
 def detect_layout(path: Path) -> str:

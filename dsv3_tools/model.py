@@ -649,7 +649,7 @@ def load_model(
     """A ``Model`` whose ``forward`` runs prompts; ``stream=False`` reads every main-model weight now."""
     cfg = ck.config
     if cfg is None:
-        raise ConfigError(f"{ck.path}: no model config (config.json, or hf_config.json beside MP shards)")
+        raise ConfigError(f"{ck.path}: no model config (config.json)")
     if gemm not in ("bf16", "fp8"):
         raise ConfigError(f"gemm must be 'bf16' or 'fp8', got {gemm!r}")
     group = current_group()

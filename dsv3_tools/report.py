@@ -98,6 +98,12 @@ def error(msg: str) -> None:
     console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
 
 
+def warn(messages: list[str]) -> None:
+    """Warnings: things that are off but do not stop the work."""
+    for w in messages:
+        console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+
+
 def info(msg: str) -> None:
     console.print(msg, soft_wrap=True)
 
@@ -148,6 +154,7 @@ def render_inspect(r: Any) -> None:
         ("file bytes", human_bytes(r.file_bytes)),
     ]
     kv_table("checkpoint", rows)
+    warn(r.warnings)
     if r.problems:
         problems_table(r.problems, "problem(s)", limit=200)
     else:
@@ -171,10 +178,12 @@ def render_cast_plan(plan: Any, label: str) -> None:
         ("sidecars", ", ".join(plan.sidecars)),
     ]
     kv_table(f"cast {label}: {plan.src} -> {plan.dst}", rows)
+    warn(plan.warnings)
 
 
 def render_cast_result(r: Any) -> None:
     written = sum(f.status == "written" for f in r.files)
+    warn(r.warnings)
     info(
         f"cast {r.tensors_cast} tensors, wrote {written} file(s) ({human_bytes(r.bytes_out)}), "
         f"kept {len(r.kept)}, on {r.device} in {r.seconds:.1f} s to {r.dst}"
@@ -191,16 +200,20 @@ def render_shard_plan(plan: Any) -> None:
         _disk_row(plan.bytes_needed, plan.free_bytes),
         ("valid --mp", ", ".join(map(str, plan.valid_mp))),
         ("sidecars", ", ".join(plan.sidecars)),
+        ("upstream demo", plan.upstream_command),
     ]
     kv_table(f"shard plan: --mp {plan.mp} --mtp {plan.mtp}", rows)
+    warn(plan.warnings)
 
 
 def render_shard_result(r: Any) -> None:
     kept = sum(f.status == "kept" for f in r.files)
+    warn(r.warnings)
     info(
         f"wrote {r.mp - kept} rank file(s) ({human_bytes(r.bytes_written)}), kept {kept}, "
         f"read {human_bytes(r.bytes_read)} in {r.seconds:.1f} s to {r.dst}"
     )
+    info(f"upstream demo (from its inference/ folder): {r.upstream_command}")
 
 
 # ---------------------------------------------------------------------- download
@@ -246,6 +259,7 @@ def render_download_result(r: Any) -> None:
         + (f" ({human_bytes(r.throughput)}/s)" if r.throughput else "")
         + f" -> {r.destination}"
     )
+    warn(r.warnings)
     for p in r.problems:
         error(f"{p['kind']}: {p['file'] or ''}: {p['message']}")
     if r.problems:

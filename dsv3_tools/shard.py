@@ -4,15 +4,18 @@ Output (``DST``): ``model{r}-mp{N}.safetensors`` for r = 0..N-1 with the keys an
 demo loads with strict matching: names renamed by the name table (``names.py``), tensors split on the table's dim
 with FP8 scales split alongside, routed experts partitioned in contiguous blocks (rank r owns experts
 ``[r*E/N, (r+1)*E/N)`` whole; others are absent), replicated tensors byte-identical in every rank file. Beside
-them: ``config.json`` holding the demo's ``ModelArgs``, ``hf_config.json`` (the original HF config, byte for byte,
-read by dsv3-tools), the tokenizer and generation config, and ``dsv3-manifest.json`` with checksums.
+them: ``config.json``, the source's Hugging Face config (byte for byte, or with ``num_nextn_predict_layers: 0``
+when the MTP module is dropped: transformers' ``AutoTokenizer``, which the demo calls on the folder, reads it),
+``model_args.json`` holding the demo's ``ModelArgs`` (its ``--config``), the tokenizer and generation config, and
+``dsv3-manifest.json`` with checksums. So the upstream demo runs on the folder as it is (``layout.upstream_command``).
 
 Before anything is written, N is checked against every tensor (experts, heads and vocab divisible by N, every
 split dim divisible, and for FP8 every split on a block boundary); the error names the first offending tensor
 and the degrees that would work.
 
-MTP (``--mtp keep``; the default ``drop`` leaves it out, as the demo expects): layer ``L = num_hidden_layers``
-(and following) is written under the same rules, with these extra names:
+MTP (``--mtp keep``, the default; ``drop`` leaves it out): layer ``L = num_hidden_layers`` (and following) is written
+under the same rules into ``mtp{r}-mp{N}.safetensors`` beside each rank file (the demo loads its rank files strictly
+and has no MTP layer), with these extra names:
 
 - ``layers.{L}.embed.weight``: its token embedding, split on vocab rows like ``embed``;
 - ``layers.{L}.enorm.weight``, ``layers.{L}.hnorm.weight``: the two RMSNorms, replicated;
@@ -28,6 +31,7 @@ chunks, independent of the checkpoint's size, the largest tensor and N.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +44,7 @@ from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, ShardingError
-from .layout import MP_HF_CONFIG, MP_MTP_RE, MP_RE, mtp_rank_file, rank_file
+from .layout import MODEL_ARGS_NAME, MP_MTP_RE, MP_RE, mtp_rank_file, rank_file, upstream_command
 from .modelargs import demo_model_args
 from .output import MP_SIDECAR_PATTERNS, Output, OutputPlan, check_separate, plan_output, sidecar_files
 from .pipeline import BufferRing, Stopped, WriteBehind, first_error
@@ -82,6 +86,8 @@ class ShardReport:
     valid_mp: list[int]
     seconds: float = 0.0
     model_args: dict = field(default_factory=dict)
+    upstream_command: str = ""  # the upstream demo's command line for this folder
+    warnings: list[str] = field(default_factory=list)  # input metadata that is off but changes no tensor
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +216,8 @@ class ShardPlan:
     sizes: dict[str, int]  # output file -> size (rank files first, then the MTP module's)
     dropped: int  # MTP tensors left out
     valid: list[int]  # every degree this checkpoint can be sharded into
-    model_args: dict  # the demo's ModelArgs, written as config.json
+    model_args: dict  # the demo's ModelArgs, written as model_args.json
+    config: dict | None  # the HF config.json when it differs from the source's (MTP dropped); None: copied as is
     output: OutputPlan
 
     def report(self, dry_run: bool = True) -> ShardReport:
@@ -224,6 +231,7 @@ class ShardPlan:
             str(self.ck.path), str(self.output.dst), self.mp, self.mtp, self.dtype, dry_run, files,
             self.output.sidecars, len(self.ck.tensors), self.dropped, read, sum(self.sizes[n] for n in pending),
             self.output.needed, self.output.free, self.output.fits, self.valid, 0.0, self.model_args,
+            upstream_command(self.output.dst, self.mp), list(self.ck.warnings),
         )  # fmt: skip
 
 
@@ -260,9 +268,14 @@ def plan_shard(src: str | Path, dst: str | Path, *, mp: int, mtp: str = "keep") 
             entries.setdefault(f, []).append((it.name.mp, it.info.dtype, it.shape))
     sizes = {f: planned_size(e, {"format": "pt"}) for f, e in entries.items()}
     job = {"stage": "shard", "mp": mp, "mtp": mtp, "source": source_fingerprint(src, [*ck.files, "config.json"])}
-    out = plan_output(src, dst, job, sizes, sidecar_files(src, MP_SIDECAR_PATTERNS), {MP_HF_CONFIG: "config.json"})
+    config = None
+    if dropped:  # the HF config must say what the folder holds: no MTP layer
+        config = json.loads((src / "config.json").read_text()) | {"num_nextn_predict_layers": 0}
+    copies = {} if config is not None else {"config.json": "config.json"}
+    out = plan_output(src, dst, job, sizes, sidecar_files(src, MP_SIDECAR_PATTERNS), copies)
     dtype = "fp8" if fp8 else "bf16"
-    return ShardPlan(ck, mp, mtp, dtype, items, entries, sizes, dropped, _valid(rules), demo_model_args(cfg), out)
+    args = demo_model_args(cfg)
+    return ShardPlan(ck, mp, mtp, dtype, items, entries, sizes, dropped, _valid(rules), args, config, out)
 
 
 def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
@@ -281,7 +294,8 @@ def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
             "dtype": plan.dtype,
             "experts_per_rank": cfg.n_routed_experts // plan.mp,
         }
-        out.finish({"config.json": plan.model_args}, extra)
+        json_files = {MODEL_ARGS_NAME: plan.model_args} | ({"config.json": plan.config} if plan.config else {})
+        out.finish(json_files, extra)
     finally:
         ck.close()
     rep = plan.report(dry_run=False)

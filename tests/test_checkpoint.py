@@ -310,3 +310,43 @@ def test_fp8_eh_proj_with_its_scale_is_accepted(indep: Path) -> None:
     index["metadata"]["total_size"] = _sum_bytes(indep, index)
     (indep / "model.safetensors.index.json").write_text(json.dumps(index))
     open_checkpoint(indep)  # strict: no problem
+
+
+def test_wrong_index_total_size_is_a_warning_not_a_refusal(tiny_fp8: Path, tmp_path: Path) -> None:
+    """Metadata that changes no tensor is not a reason to refuse work: inspect and verify warn, cast and shard go on
+    and cast writes the right value; a real problem in the same folder is still reported."""
+    from dsv3_tools.cast import cast_fp8_to_bf16
+    from dsv3_tools.errors import MissingScaleError
+    from dsv3_tools.inspect import inspect_checkpoint
+    from dsv3_tools.shard import shard_checkpoint
+    from dsv3_tools.verify import verify_checkpoint
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_fp8, src)
+    ipath = src / "model.safetensors.index.json"
+    index = json.loads(ipath.read_text())
+    right = index["metadata"]["total_size"]
+    index["metadata"]["total_size"] = right + 4096  # e.g. a tool that wrote file sizes
+    ipath.write_text(json.dumps(index))
+    rep = inspect_checkpoint(src)
+    assert rep.ok and len(rep.warnings) == 1 and "total_size" in rep.warnings[0], (rep.problems, rep.warnings)
+    v = verify_checkpoint(src)
+    assert v.verdict == "pass" and any("total_size" in w for w in v.warnings), (v.failures, v.warnings)
+    r = cast_fp8_to_bf16(src, tmp_path / "bf16", device="cpu")
+    assert r.warnings and "total_size" in r.warnings[0]
+    out_index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    data = sum(
+        v.numel() * v.element_size()
+        for f in set(out_index["weight_map"].values())
+        for v in load_file(str(tmp_path / "bf16" / f)).values()
+    )
+    assert out_index["metadata"]["total_size"] == data
+    assert shard_checkpoint(src, tmp_path / "mp2", mp=2).warnings
+    # The real problem in the same folder is what cast reports.
+    name = next(n for n in index["weight_map"] if n.endswith("_scale_inv"))
+    _rewrite_without(src, name)
+    index = json.loads(ipath.read_text())
+    index["metadata"]["total_size"] += 4096
+    ipath.write_text(json.dumps(index))
+    with pytest.raises(MissingScaleError, match=name.removesuffix("_scale_inv")):
+        cast_fp8_to_bf16(src, tmp_path / "bf16-b", device="cpu")

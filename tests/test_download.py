@@ -469,3 +469,18 @@ def test_unreachable_endpoint_and_unsafe_names(hub, tmp_path, v1_files):
     with pytest.raises(DownloadError, match=r"org/evil lists an unsafe file name '\.\./escape\.json'"):
         fetch(hub, tmp_path, repo="org/evil", local_dir=tmp_path / "evil")
     assert not (tmp_path / "escape.json").exists()
+
+
+def test_wrong_index_total_size_is_a_warning(hub, tmp_path, v1_files):
+    """An index whose total_size is not the tensors' bytes (file sizes, a hand edit) changes no tensor: the download
+    is intact (exit 0) and says so in a warning."""
+    files = dict(v1_files)
+    index = json.loads(files[INDEX])
+    right = index["metadata"]["total_size"]
+    index["metadata"]["total_size"] = right + 12345
+    files[INDEX] = json.dumps(index).encode()
+    hub.add_repo("org/odd-total", {"main": files})
+    r = fetch(hub, tmp_path, repo="org/odd-total", local_dir=tmp_path / "out")
+    assert r.ok and not r.problems, r.problems
+    assert len(r.warnings) == 1 and str(right + 12345) in r.warnings[0] and str(right) in r.warnings[0], r.warnings
+    assert fetch(hub, tmp_path, local_dir=tmp_path / "good").warnings == []

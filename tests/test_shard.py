@@ -200,7 +200,13 @@ def test_roundtrip(request: pytest.FixtureRequest, tmp_path: Path, which: str, m
     hf = read_hf(src)
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight", "lm_head.weight"):
         assert torch.equal(raw(ck.read(name)), raw(hf[name])), name
-    assert (dst / "hf_config.json").read_bytes() == (src / "config.json").read_bytes()
+    # config.json is the source's HF config (transformers reads it); the demo's ModelArgs have their own file
+    cfg_out = json.loads((dst / "config.json").read_text())
+    if mtp == "keep":
+        assert (dst / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    else:
+        assert cfg_out == hf_config(src) | {"num_nextn_predict_layers": 0}
+    assert not (dst / "hf_config.json").exists() and "dim" in json.loads((dst / "model_args.json").read_text())
     for side in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (dst / side).read_bytes() == (src / side).read_bytes(), side
     man = json.loads((dst / "dsv3-manifest.json").read_text())
@@ -216,7 +222,7 @@ def test_model_args(tiny_fp8_ue8m0: Path, tiny_bf16: Path, tmp_path: Path) -> No
     S.shard_checkpoint(tiny_fp8_ue8m0, tmp_path / "a", mp=2, mtp="drop")
     S.shard_checkpoint(tiny_bf16, tmp_path / "b", mp=2, mtp="drop")
     h = hf_config(tiny_fp8_ue8m0)
-    a = json.loads((tmp_path / "a" / "config.json").read_text())
+    a = json.loads((tmp_path / "a" / "model_args.json").read_text())
     rs = h["rope_scaling"]
     assert a == {
         "vocab_size": h["vocab_size"], "dim": h["hidden_size"], "inter_dim": h["intermediate_size"],
@@ -232,7 +238,7 @@ def test_model_args(tiny_fp8_ue8m0: Path, tiny_bf16: Path, tmp_path: Path) -> No
         "rope_factor": rs["factor"], "beta_fast": rs["beta_fast"], "beta_slow": rs["beta_slow"],
         "mscale": rs["mscale_all_dim"],
     }  # fmt: skip
-    b = json.loads((tmp_path / "b" / "config.json").read_text())
+    b = json.loads((tmp_path / "b" / "model_args.json").read_text())
     assert "dtype" not in b and "scale_fmt" not in b and b["dim"] == h["hidden_size"]
 
 
@@ -375,3 +381,22 @@ def test_inputs_untouched(tiny_fp8: Path, tmp_path: Path) -> None:
     before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tiny_fp8.iterdir()}
     S.shard_checkpoint(tiny_fp8, tmp_path / "o", mp=4, mtp="keep")
     assert before == {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in tiny_fp8.iterdir()}
+
+
+def test_old_folder_names_are_still_read(tiny_fp8: Path, tmp_path: Path) -> None:
+    """Folders written before config.json became the HF config (ModelArgs in config.json, HF config in
+    hf_config.json) still open, validate and pass their structural checks."""
+    from dsv3_tools.verify.structure import check_structure
+
+    dst = tmp_path / "old"
+    S.shard_checkpoint(tiny_fp8, dst, mp=2, mtp="drop")
+    (dst / "config.json").rename(dst / "hf_config.json")
+    (dst / "model_args.json").rename(dst / "config.json")
+    ck = open_checkpoint(dst)
+    assert ck.config is not None and ck.config.num_nextn_predict_layers == 0
+    problems, _ = check_structure(ck)
+    assert problems == [], problems
+    args = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(args | {"dim": args["dim"] + 1}))  # the ModelArgs are still checked
+    problems, _ = check_structure(open_checkpoint(dst))
+    assert [(p["kind"], p["file"]) for p in problems] == [("config_args", "config.json")], problems

@@ -361,9 +361,9 @@ def test_mp_model_args_and_checksums(mp2: Path, ref_file: Path, tmp_path: Path) 
     assert r.verdict == "pass", (r.failures, r.problems)
     assert r.checksums["mismatches"] == 0 and r.checksums["files_checked"] >= 3
     bad = copy(mp2, tmp_path / "args")
-    args = json.loads((bad / "config.json").read_text())
+    args = json.loads((bad / "model_args.json").read_text())
     args["n_activated_experts"] += 1
-    (bad / "config.json").write_text(json.dumps(args))
+    (bad / "model_args.json").write_text(json.dumps(args))
     # A flipped byte in a norm of rank 0 (replicated norms are checked across ranks too).
     patch(
         bad / "model0-mp2.safetensors",
@@ -373,8 +373,8 @@ def test_mp_model_args_and_checksums(mp2: Path, ref_file: Path, tmp_path: Path) 
     r = verify_checkpoint(bad, reference=ref_file, checksums=True)
     assert r.verdict == "fail"
     kinds = {(p["kind"], p["file"]) for p in r.problems}
-    assert ("config_args", "config.json") in kinds
-    assert ("checksum", "model0-mp2.safetensors") in kinds and ("checksum", "config.json") in kinds
+    assert ("config_args", "model_args.json") in kinds
+    assert ("checksum", "model0-mp2.safetensors") in kinds and ("checksum", "model_args.json") in kinds
     assert ("replica", "model1-mp2.safetensors") in kinds
 
 

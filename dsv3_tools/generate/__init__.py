@@ -230,7 +230,7 @@ def run_generate(opts: Options, ui: UI) -> int:
     ck = open_checkpoint(opts.ckpt)
     cfg = ck.config
     if cfg is None:
-        raise ConfigError(f"{opts.ckpt}: no model config (config.json, or hf_config.json beside MP shards)")
+        raise ConfigError(f"{opts.ckpt}: no model config (config.json)")
     if is_v4(cfg):
         raise Dsv3Error(f"{opts.ckpt}: generate does not run DeepSeek-V4 yet (its model is not implemented here)")
     if world > 1 and ck.layout == "mp" and ck.world != world:

@@ -15,7 +15,7 @@ from .. import names as N
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..family import is_v4
-from ..layout import MANIFEST_NAME, MP_HF_CONFIG, MP_MTP_RE, MP_RE
+from ..layout import MANIFEST_NAME, MP_MTP_RE, MP_RE, mp_config_files
 from ..modelargs import demo_model_args
 from ..runtime import dist_info
 from ..v4.modelargs import demo_model_args as v4_model_args
@@ -49,7 +49,7 @@ def check_structure(
 ) -> tuple[list[dict], list[str]]:
     """Structural problems and warnings beyond what ``open_checkpoint`` collects (which are included)."""
     problems = [p.as_dict() for p in ck.problems]
-    warnings: list[str] = []
+    warnings: list[str] = list(ck.warnings)
     if ck.config is None:
         problems.append(problem("config", "no config: names, shapes and dtypes cannot be checked", "config.json"))
         return problems, warnings
@@ -73,23 +73,20 @@ def check_structure(
 
 
 def _check_model_args(ck: Checkpoint) -> list[dict]:
-    """The MP folder's ``config.json`` (the demo's ModelArgs) must describe the same model as ``hf_config.json``."""
-    p = ck.path / "config.json"
+    """The MP folder's ModelArgs (the demo's ``--config``) must describe the same model as its HF config."""
+    hf, p = mp_config_files(ck.path)
+    f = p.name
     if not p.is_file():
-        return [
-            problem(
-                "config_args", "no config.json (the inference demo's ModelArgs) beside the rank files", "config.json"
-            )
-        ]
+        return [problem("config_args", f"no {f} (the inference demo's ModelArgs) beside the rank files", f)]
     try:
         args = json.loads(p.read_text())
         assert isinstance(args, dict)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        return [problem("config_args", "config.json is not a JSON object", "config.json")]
+        return [problem("config_args", f"{f} is not a JSON object", f)]
     cfg = ck.config
     if is_v4(cfg):
         want = v4_model_args(cfg, resolve_format(cfg, ck.tensors), mtp=any(n.startswith("mtp.") for n in ck.tensors))
-        return [problem("config_args", m, "config.json") for m in v4_differences(args, want)]
+        return [problem("config_args", m, f) for m in v4_differences(args, want)]
     # The geometry keys of the demo's ModelArgs, as shard writes them (max_seq_len is the user's to choose; dtype and
     # scale_fmt are checked below).
     want = {k: v for k, v in demo_model_args(cfg).items() if k not in ("max_seq_len", "dtype", "scale_fmt")}
@@ -100,16 +97,14 @@ def _check_model_args(ck: Checkpoint) -> list[dict]:
             and args[k] != v
             and not (isinstance(v, float) and isinstance(args[k], (int, float)) and float(args[k]) == v)
         ):
-            out.append(
-                problem("config_args", f"ModelArgs {k}={args[k]!r} but {MP_HF_CONFIG} implies {v!r}", "config.json")
-            )
+            out.append(problem("config_args", f"ModelArgs {k}={args[k]!r} but {hf.name} implies {v!r}", f))
     dt = args.get("dtype", "bf16")
     if (dt == "fp8") != cfg.is_fp8:
         out.append(
             problem(
                 "config_args",
                 f"ModelArgs dtype={dt!r} but the weights are {'FP8' if cfg.is_fp8 else 'BF16'}",
-                "config.json",
+                f,
             )
         )
     sf = cfg.quant.scale_fmt if cfg.quant else None
@@ -117,8 +112,8 @@ def _check_model_args(ck: Checkpoint) -> list[dict]:
         out.append(
             problem(
                 "config_args",
-                f"ModelArgs scale_fmt={args.get('scale_fmt')!r}, {MP_HF_CONFIG} says {sf!r}",
-                "config.json",
+                f"ModelArgs scale_fmt={args.get('scale_fmt')!r}, {hf.name} says {sf!r}",
+                f,
             )
         )
     return out
