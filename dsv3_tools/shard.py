@@ -366,7 +366,12 @@ def _write_files(plan: ShardPlan, pending: list[str], out: Output, advance: Prog
     try:
         for f in pending:
             writers[f] = SafetensorsWriter(plan.output.dst / f, plan.entries[f], {"format": "pt"})
-        rows = [it.info.nbytes // it.info.shape[0] for it in plan.items if it.info.shape and it.info.shape[0]]
+        # a read holds at least one row (one 128-row block of a weight dequantized on the way)
+        rows = [
+            it.info.nbytes // it.info.shape[0] * (BLOCK if it.scale is not None else 1)
+            for it in plan.items
+            if it.info.shape and it.info.shape[0]
+        ]
         pipe = _Pipe(plan.ck, writers, plan.mp, max(CHUNK, *rows, 1), advance)
         for it in plan.items:
             if any(f in writers for f in it.files(plan.mp)):

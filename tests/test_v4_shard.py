@@ -160,6 +160,15 @@ def test_model_args_are_the_official_file() -> None:
     assert json.dumps(got) == json.dumps(json.loads(want))
 
 
+def test_small_chunks_same_bytes(tiny_v4: Path, mp2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many chunks per tensor (wo_a dequantized 128 rows at a time, split-1 gathers across chunks): same files."""
+    monkeypatch.setattr(S, "CHUNK", 4096)
+    S.shard_checkpoint(tiny_v4, tmp_path / "small", mp=2)
+    for r in range(2):
+        f = f"model{r}-mp2.safetensors"
+        assert (tmp_path / "small" / f).read_bytes() == (mp2 / f).read_bytes(), f
+
+
 def test_dry_run_sizes(tiny_v4: Path, mp2: Path, tmp_path: Path) -> None:
     plan = S.shard_checkpoint(tiny_v4, tmp_path / "o", mp=2, dry_run=True)
     assert not (tmp_path / "o").exists() and plan.valid_mp == [1, 2, 4]
