@@ -41,7 +41,9 @@ from .layout import (
 )
 from .stfile import FileHeader, TensorInfo, read_header, torch_dtype, torch_shape
 from .v4 import names as V4
+from .v4.validate import looks_v4
 from .v4.validate import validate as validate_v4
+from .v4.validate import validate_scales as validate_v4_scales
 from .validate import validate, validate_scales
 
 
@@ -68,6 +70,7 @@ class Checkpoint:
     problems: list[CheckpointError] = field(default_factory=list)  # found while opening (lenient mode)
     warnings: list[str] = field(default_factory=list)  # metadata that is off but changes no tensor
     headers: dict[str, FileHeader] = field(default_factory=dict)
+    family: str = "v3"  # whose name table the names follow: "v3" (the V3 family) or "v4" (DeepSeek-V4)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     # --------------------------------------------------------------- reading
@@ -159,7 +162,7 @@ class Checkpoint:
 
     def split_of(self, name: str) -> int | str | None:
         """The model-parallel split of a tensor (its family's name table): a dim, ``EXPERT``, or None (replicated)."""
-        if is_v4(self.config):
+        if self.family == "v4":
             return V4.parse(name).split
         return N.parse_hf(name).split
 
@@ -218,13 +221,16 @@ def open_checkpoint(
     elif layout == "hf-single":
         ck = _open_files(path, "hf-single", [SINGLE_NAME], problem)
     else:
-        ck = _open_mp(path, problem, (lambda n: V4.parse(n).name) if is_v4(cfg) else N.mp_to_hf)
+        ck = _open_mp(path, problem, "v4" if is_v4(cfg) else "v3" if cfg is not None else None)
     ck.config = cfg
     ck.problems = problems
+    ck.family = "v4" if is_v4(cfg) or (cfg is None and looks_v4(ck.tensors)) else "v3"
     if is_v4(cfg):
         validate_v4(ck, problem)
     elif cfg is not None:
         validate(ck, problem)
+    elif ck.family == "v4":
+        validate_v4_scales(ck, problem)
     else:
         validate_scales(ck, problem)
     return ck
@@ -296,9 +302,10 @@ def _open_hf_sharded(path: Path, problem) -> Checkpoint:
     return ck
 
 
-def _open_mp(path: Path, problem, to_hf: Callable[[str], str]) -> Checkpoint:
+def _open_mp(path: Path, problem, family: str | None) -> Checkpoint:
     """The rank files ``model{r}-mp{N}`` and, when the MTP module was kept, its files ``mtp{r}-mp{N}``; each tensor
-    keyed by ``to_hf`` of its name (the family's model-parallel name -> HF name)."""
+    keyed by its HF name (V3 family: renamed back by the name table; "v4": the same names; None: V4 when its marker
+    tensor is there)."""
     ranks: dict[int, str] = {}
     mtp_ranks: dict[int, str] = {}
     worlds = set()
@@ -327,15 +334,17 @@ def _open_mp(path: Path, problem, to_hf: Callable[[str], str]) -> Checkpoint:
     files = [ranks[r] for r in sorted(ranks) if r < world]
     files += [f for r, f in sorted(mtp_ranks.items()) if r < world and MP_MTP_RE.match(f).group(2) == str(world)]
     headers: dict[str, FileHeader] = {}
-    parts: dict[str, list[MpPart]] = {}
     for rel in files:
-        rank = int((MP_RE.match(rel) or MP_MTP_RE.match(rel)).group(1))
         try:
-            h = read_header(path / rel, rel)
+            headers[rel] = read_header(path / rel, rel)
         except CheckpointError as e:
             problem(e)
-            continue
-        headers[rel] = h
+    if family is None:
+        family = "v4" if any(looks_v4(h.tensors) for h in headers.values()) else "v3"
+    to_hf: Callable[[str], str] = (lambda n: V4.parse(n).name) if family == "v4" else N.mp_to_hf
+    parts: dict[str, list[MpPart]] = {}
+    for rel, h in headers.items():
+        rank = int((MP_RE.match(rel) or MP_MTP_RE.match(rel)).group(1))
         for mp_name, info in h.tensors.items():
             try:
                 hf = to_hf(mp_name)

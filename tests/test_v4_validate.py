@@ -167,3 +167,16 @@ def test_v41_is_refused_in_one_line(
         code, err = main_exit(cmd, capsys, monkeypatch)
         errors = [line for line in err.splitlines() if line.startswith("error:")]  # (verify draws a progress bar)
         assert code == 2 and len(errors) == 1 and "DeepSeek-V4.1" in errors[0], (cmd, err)
+
+
+def test_without_a_usable_config_the_v4_scales_are_still_checked(tiny_v4: Path, tmp_path: Path) -> None:
+    """A broken config.json is reported, and the tensors are still checked by V4's rules (recognized by its names):
+    the one real defect, not a V3 'missing weight_scale_inv' on every weight."""
+    ck = copy_ckpt(tiny_v4, tmp_path / "c")
+    rewrite(ck, DEFECTS["missing scale"][0])
+    (ck / "config.json").write_text("{")
+    r = inspect_checkpoint(ck)
+    assert [(p["kind"], p["tensor"]) for p in r.problems] == [
+        ("config", None),
+        ("missing_scale", "layers.1.ffn.experts.2.w3.weight"),
+    ], r.problems

@@ -83,6 +83,34 @@ def validate(ck: Checkpoint, problem: Problem) -> None:
         _check_set(ck.tensors, V.expected_tensors(cfg, fmt, mtp=mtp), problem)
 
 
+def validate_scales(ck: Checkpoint, problem: Problem) -> None:
+    """Without a config: every FP8/FP4 weight has its ``.scale`` of the right grid, no scale without its weight."""
+    for name, info in ck.tensors.items():
+        if V.is_scale(name):
+            if V.weight_of(name) not in ck.tensors:
+                problem(OrphanScaleError("scale without its weight", file=info.file, tensor=name))
+            continue
+        if info.dtype not in QUANTIZED:
+            continue
+        s = ck.tensors.get(V.scale_name(name))
+        if s is None:
+            problem(MissingScaleError(f"{info.dtype} weight without its .scale", file=info.file, tensor=name))
+            continue
+        rows, cols = ck.full_shape(name)
+        cols = cols * 2 if info.dtype == "I8" else cols
+        grid = V.grid((rows, cols)) if info.dtype == "F8_E4M3" else (rows, cols // V.FP4_GROUP)
+        if ck.full_shape(s.name) != grid:
+            problem(ScaleShapeError(f"scale is {list(s.shape)}, expected {list(grid)}", file=s.file, tensor=s.name))
+
+
+MARKER = "hc_head_fn"  # a tensor only DeepSeek-V4 has, in every layout (replicated in each rank file)
+
+
+def looks_v4(names: set[str] | dict) -> bool:
+    """Whether a folder opened without a config holds a DeepSeek-V4 checkpoint (its names: V4's own, in any layout)."""
+    return MARKER in names
+
+
 def _check_set(tensors: dict[str, TensorInfo], expected: dict[str, V.Spec], problem: Problem) -> None:
     """One file set (a HF folder, or one rank file) against its expected tensors."""
     for name, info in tensors.items():
