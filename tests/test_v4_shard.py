@@ -192,15 +192,25 @@ def _official_model(monkeypatch: pytest.MonkeyPatch):
     return mod
 
 
-@pytest.mark.parametrize("which,mp", [("tiny_v4", 1), ("tiny_v4", 2), ("tiny_v4", 4), ("tiny_v4_base", 2)])
+@pytest.mark.parametrize(
+    "which,mp", [("tiny_v4", 1), ("tiny_v4", 2), ("tiny_v4", 4), ("tiny_v4_base", 2), ("fp4-fp8", 2)]
+)
 def test_rank_files_load_strictly_into_the_official_transformer(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str, mp: int
 ) -> None:
+    """Release (FP4 experts), -Base (FP8 experts, F32 scales) and ``cast fp4-fp8`` output (FP8 experts, E8M0: what the
+    official converter's --expert-dtype fp8 writes); its ModelArgs say the experts' format."""
     from safetensors.torch import load_model
 
     model = _official_model(monkeypatch)
+    src = request.getfixturevalue("tiny_v4" if which == "fp4-fp8" else which)
+    if which == "fp4-fp8":
+        from dsv3_tools.cast import plan_fp4_to_fp8, run_cast
+
+        run_cast(plan_fp4_to_fp8(src, tmp_path / "fp8"))
+        src = tmp_path / "fp8"
     dst = tmp_path / "o"
-    S.shard_checkpoint(request.getfixturevalue(which), dst, mp=mp)
+    S.shard_checkpoint(src, dst, mp=mp)
     args = json.loads((dst / "model_args.json").read_text())
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # as the demo's generate.py builds it
