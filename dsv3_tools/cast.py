@@ -413,6 +413,8 @@ def _write_file(plan: CastPlan, fp: FilePlan, advance: Progress, pool: ThreadPoo
     """Stream one output file: a reader thread fetches chunks, ``pool`` converts them (torch ops release the GIL),
     this thread hands results to the writer in order, whose threads hash and write. Every buffer handed on is fresh,
     so the stages overlap without copies."""
+    from .v4.cast import convert_fp4  # (here: v4.cast builds on this module)
+
     w = SafetensorsWriter(plan.output.dst / fp.name, fp.entries, {"format": "pt"}, background=True, direct=True)
     chunks = ReadAhead(_read_chunks(plan.ck, fp, plan.device, plan.block), depth=3, name="dsv3-read")
     pending: deque = deque()  # (op, future or data, last, nbytes), in output order
@@ -443,9 +445,7 @@ def _write_file(plan: CastPlan, fp: FilePlan, advance: Progress, pool: ThreadPoo
                 pending.append((op, pool.submit(_dequant, x, s, block, device), last, nbytes))
             elif op.kind == "quant":
                 pending.append((op, pool.submit(_quant, x, block, scale_fmt), last, nbytes))
-            else:
-                from .v4.cast import convert_fp4
-
+            else:  # DeepSeek-V4's FP4 experts
                 pending.append((op, pool.submit(convert_fp4, op, x, s, r0), last, nbytes))
             while len(pending) > depth:
                 flush_one()
