@@ -69,7 +69,13 @@ def synth(
     layers: Annotated[int | None, typer.Option(help="Reduce depth to this many main layers.")] = None,
     experts: Annotated[int | None, typer.Option(help="Reduce the routed experts to this many.")] = None,
     mtp: MtpOpt = Mtp.keep,
-    scale_fmt: Annotated[str | None, typer.Option(help="ue8m0 for power-of-two scales (V3.1 style).")] = None,
+    scale_fmt: Annotated[
+        str | None,
+        typer.Option(
+            help="ue8m0: power-of-two scales; v3.1: as the released V3.1 (ue8m0 except self_attn.o_proj, whose "
+            "scales carry the mantissa 1.3228756)."
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
@@ -292,8 +298,10 @@ def cast_bf16_fp8(
     scale_fmt: Annotated[
         str | None,
         typer.Option(
-            help="f32 (amax / 448) or ue8m0 (power of two, rounded up); default: the original checkpoint's "
-            "(from the fp8-bf16 manifest), else f32."
+            help="Quantize every block afresh with f32 (amax / 448) or ue8m0 (power of two, rounded up) scales. "
+            "Default: keep each block's original scale where it reproduces the block exactly (unchanged blocks "
+            "come back byte for byte) and give changed blocks fresh scales of their tensor's original kind (from "
+            "the fp8-bf16 manifest), else f32."
         ),
     ] = None,
     ignore: Annotated[

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .disk import free_bytes, human_bytes
 from .errors import OutputError
-from .layout import INDEX_NAME, MANIFEST_NAME
+from .layout import INDEX_NAME, MANIFEST_NAME, ORIGIN_NAME
 from .writer import PARTIAL_SUFFIX, FileRecord, Manifest, copy_file_atomic, read_manifest, write_json_atomic
 
 # Which of the input's other files travel with the weights. An HF-folder output (cast) keeps every one of them,
@@ -24,7 +24,7 @@ from .writer import PARTIAL_SUFFIX, FileRecord, Manifest, copy_file_atomic, read
 # transformers can load: it keeps what the official demo reads beside the shards (tokenizer, generation config)
 # and the license and README.
 MP_SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "LICENSE*", "README*")
-NOT_SIDECARS = ("config.json", INDEX_NAME, MANIFEST_NAME)
+NOT_SIDECARS = ("config.json", INDEX_NAME, MANIFEST_NAME, ORIGIN_NAME)
 JSON_ALLOWANCE = 1 << 20  # room for the small JSON files written last (index, configs)
 
 

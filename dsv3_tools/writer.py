@@ -26,7 +26,7 @@ from . import __version__
 from .errors import OutputError
 from .layout import MANIFEST_NAME
 from .pipeline import Stopped, WriteBehind, first_error, get_until
-from .stfile import Entry, dtype_name, plan_header
+from .stfile import Entry, dtype_name, header_entries, parse_header, plan_header
 
 PARTIAL_SUFFIX = ".partial"
 TOOL_VERSION = __version__  # recorded in every manifest
@@ -194,12 +194,21 @@ class SafetensorsWriter:
         *,
         background: bool = False,
         direct: bool = False,
+        header: bytes | None = None,
     ) -> None:
         """``background``: hash and write on helper threads; the caller then hands over every buffer it passes
-        (it must not reuse or modify it). ``direct`` (with ``background``): write through ``O_DIRECT``."""
+        (it must not reuse or modify it). ``direct`` (with ``background``): write through ``O_DIRECT``. ``header``:
+        these header bytes (length prefix included) instead of planned ones, e.g. to reproduce an original file;
+        they must describe exactly ``entries``, in that data order."""
         self.path = Path(path)
         self.entries = list(entries)
-        header, self.offsets = plan_header(self.entries, metadata)
+        planned, self.offsets = plan_header(self.entries, metadata)
+        if header is not None:
+            h = parse_header(header[8:], None, self.path.name)
+            got = {i.name: (i.start - h.data_start, i.end - h.data_start) for i in h.tensors.values()}
+            if got != self.offsets or header_entries(h) != [(n, d, tuple(s)) for n, d, s in self.entries]:
+                raise AssertionError(f"{self.path.name}: the given header does not describe the planned tensors")
+        header = planned if header is None else header
         self.data_start = len(header)
         self.size = self.data_start + (max((e for _, e in self.offsets.values()), default=0))
         self.tmp = self.path.with_name("." + self.path.name + PARTIAL_SUFFIX)
