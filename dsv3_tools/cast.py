@@ -21,8 +21,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
@@ -436,6 +438,8 @@ def _write_origin(plan: CastPlan, out: Output) -> dict:
     """Keep what the FP8 original was beside the BF16 output: every block scale and each data file's header (about
     1/4000 of the BF16 bytes), so that ``cast bf16-fp8`` gives back the original bytes. Returns each weight's scale
     kind: ``ue8m0`` when every scale is a power of two, else ``f32`` (V3.1 stores o_proj's apart)."""
+    import torch
+
     ck = plan.ck
     scales = [(op.scale.name, op.scale) for fp in plan.files for op in fp.ops if op.kind == "dequant"]
     kinds: dict[str, str] = {}
@@ -506,6 +510,8 @@ def _out_config(src: Path, direction: str, mtp: str, extra: dict) -> dict:
 def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
     """Write ``plan``'s output folder (resuming an interrupted run of the same cast); ``progress(n)`` gets the input
     bytes consumed."""
+    import torch
+
     t0 = time.perf_counter()
     report = plan.report(dry_run=False)
     out = Output(plan.output)
@@ -539,6 +545,7 @@ def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(old_threads)
+        out.lock.release()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -554,6 +561,8 @@ def _write_file(
     """Stream one output file: a reader thread fetches chunks, ``pool`` converts them (torch ops release the GIL),
     this thread hands results to the writer in order, whose threads hash and write. Every buffer handed on is fresh,
     so the stages overlap without copies. ``held``: scales written in another file than their weight's."""
+    import torch
+
     w = SafetensorsWriter(
         plan.output.dst / fp.name, fp.entries, {"format": "pt"}, background=True, direct=True, header=fp.header
     )
@@ -563,6 +572,7 @@ def _write_file(
     block, device = plan.block, plan.device
 
     def flush_one() -> None:
+
         nonlocal scales
         op, fut, last, nbytes = pending.popleft()
         res = fut.result() if isinstance(fut, Future) else fut
@@ -612,6 +622,8 @@ def _write_file(
 
 def _read_chunks(ck: Checkpoint, plan: _FilePlan, device: str, block: tuple[int, int]) -> Iterator[tuple]:
     """(op, data, scale rows, last chunk of the tensor?, input bytes) in output order, bounded in size."""
+    import torch
+
     b0 = block[0]
     elems = GPU_CHUNK if device != "cpu" else CPU_CHUNK
     for op in plan.ops:

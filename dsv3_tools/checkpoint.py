@@ -13,8 +13,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import names as N
 from .config import ModelConfig
@@ -40,6 +39,9 @@ from .layout import (
 )
 from .stfile import FileHeader, TensorInfo, read_header, torch_dtype
 from .validate import validate, validate_scales
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: opening a folder needs none of it
+    import torch
 
 
 @dataclass
@@ -104,6 +106,8 @@ class Checkpoint:
         """Bytes [start, stop) of a tensor's data as a uint8 tensor (into ``out`` when given)."""
         stop = info.nbytes if stop is None else stop
         n = stop - start
+        import torch
+
         buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
         assert buf.numel() >= n and buf.dtype == torch.uint8
         mv = memoryview(buf.numpy())[:n]
@@ -140,6 +144,8 @@ class Checkpoint:
         n = N.parse_hf(name)
         if len(parts) == 1 or n.split is None or n.split == N.EXPERT:
             return self.read_info(parts[0].info)
+        import torch
+
         pieces = [self.read_info(p.info) for p in sorted(parts, key=lambda p: p.rank)]
         return torch.cat(pieces, dim=n.split)
 

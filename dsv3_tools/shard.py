@@ -37,8 +37,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
@@ -284,18 +286,18 @@ def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
     t0 = time.monotonic()
     ck = plan.ck
     try:
-        out = Output(plan.output)
-        pending = [n for n in plan.sizes if not out.is_done(n)]
-        read, written = _write_files(plan, pending, out, progress or (lambda n: None))
-        cfg = ck.config
-        extra = {
-            "mp": plan.mp,
-            "mtp": plan.mtp,
-            "dtype": plan.dtype,
-            "experts_per_rank": cfg.n_routed_experts // plan.mp,
-        }
-        json_files = {MODEL_ARGS_NAME: plan.model_args} | ({"config.json": plan.config} if plan.config else {})
-        out.finish(json_files, extra)
+        with Output(plan.output) as out:
+            pending = [n for n in plan.sizes if not out.is_done(n)]
+            read, written = _write_files(plan, pending, out, progress or (lambda n: None))
+            cfg = ck.config
+            extra = {
+                "mp": plan.mp,
+                "mtp": plan.mtp,
+                "dtype": plan.dtype,
+                "experts_per_rank": cfg.n_routed_experts // plan.mp,
+            }
+            json_files = {MODEL_ARGS_NAME: plan.model_args} | ({"config.json": plan.config} if plan.config else {})
+            out.finish(json_files, extra)
     finally:
         ck.close()
     rep = plan.report(dry_run=False)
@@ -334,6 +336,7 @@ def _write_files(plan: ShardPlan, pending: list[str], out: Output, advance: Prog
     try:
         for f in pending:
             writers[f] = SafetensorsWriter(plan.output.dst / f, plan.entries[f], {"format": "pt"})
+            advance(writers[f].data_start)  # the header: the bar's total is the files' whole size
         rows = [it.info.nbytes // it.info.shape[0] for it in plan.items if it.info.shape and it.info.shape[0]]
         pipe = _Pipe(plan.ck, writers, plan.mp, max(CHUNK, *rows, 1), advance)
         for it in plan.items:
@@ -363,6 +366,8 @@ class _Pipe:
     def __init__(
         self, ck: Checkpoint, writers: dict[str, SafetensorsWriter], mp: int, size: int, advance: Progress
     ) -> None:
+        import torch
+
         self.ck, self.writers, self.mp, self.advance = ck, writers, mp, advance
         self.stop = threading.Event()
         self.ring = BufferRing([torch.empty(size, dtype=torch.uint8) for _ in range(2)], self.stop)

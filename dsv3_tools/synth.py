@@ -16,13 +16,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dsv3_tools.kernels.weight_quant import quantize_with_scales, weight_quant_ref
+if TYPE_CHECKING:
+    import torch
 
 from . import names as N
 from .config import ModelConfig, QuantConfig
+from .disk import check_destination
 from .errors import ConfigError, OutputError
 from .layout import INDEX_NAME
 from .stfile import nbytes
@@ -93,6 +94,8 @@ def derive_config(
 
 
 def _gen(seed: int, name: str) -> torch.Generator:
+    import torch
+
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF)
     return g
@@ -100,6 +103,8 @@ def _gen(seed: int, name: str) -> torch.Generator:
 
 def master_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The full-precision value synth stores for ``name`` (before any FP8 quantization)."""
+    import torch
+
     g = _gen(seed, name)
     n = N.parse_hf(name)
     leaf, hf = n.leaf, n.module.hf
@@ -184,8 +189,7 @@ def plan_synth(
     if shards < 1:
         raise ConfigError("--shards must be >= 1")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
+    check_destination(out)
     if out.exists() and any(out.iterdir()):
         raise OutputError(f"{out} is not empty")
     files = _plan_files(list(N.expected_tensors(cfg).values()), shards)
@@ -214,6 +218,8 @@ def synth(
 
 def _quantized(plan: SynthPlan, spec: N.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight's FP8 values and block scales (with ``--scale-fmt v3.1``, o_proj's scales off powers of two)."""
+    from .kernels.weight_quant import quantize_with_scales, weight_quant_ref
+
     cfg = plan.cfg
     x = master_weight(cfg, spec.name, spec.shape, plan.seed)
     q, s = weight_quant_ref(x, cfg.block_size, cfg.quant.scale_fmt)
@@ -225,6 +231,8 @@ def _quantized(plan: SynthPlan, spec: N.TensorSpec) -> tuple[torch.Tensor, torch
 
 def run_synth(plan: SynthPlan, progress: Progress | None = None) -> SynthReport:
     """Write ``plan``'s checkpoint, tensor by tensor (memory: one tensor)."""
+    import torch
+
     out, cfg, seed, files = plan.out, plan.cfg, plan.seed, plan.files
     out.mkdir(parents=True, exist_ok=True)
     specs = [s for f in files for s in f]

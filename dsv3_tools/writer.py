@@ -19,11 +19,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import __version__
-from .errors import OutputError
+from .disk import LOCK_NAME
+from .errors import OutputError, disk_error
 from .layout import MANIFEST_NAME
 from .pipeline import Stopped, WriteBehind, first_error, get_until
 from .stfile import Entry, dtype_name, header_entries, parse_header, plan_header
@@ -179,6 +182,8 @@ class _BackgroundSink:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
+    import torch
+
     t = t.contiguous()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
@@ -220,10 +225,13 @@ class SafetensorsWriter:
         self._write(memoryview(header))
 
     def _write(self, mv: memoryview) -> None:
-        if self._sink is not None:
-            self._sink.put(mv)
-            return
-        self._f.write(mv)
+        try:
+            if self._sink is not None:
+                self._sink.put(mv)
+                return
+            self._f.write(mv)
+        except OSError as e:
+            raise disk_error(e, self.path) or e from None
         _hash_chunks(self._h, mv)
 
     @property
@@ -265,12 +273,15 @@ class SafetensorsWriter:
         """Check completeness, flush to disk, rename to the final name."""
         if self._next != len(self.entries):
             raise AssertionError(f"{self.path.name}: {len(self.entries) - self._next} tensors not written")
-        if self._sink is not None:
-            self._sink.close()
-        else:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        try:
+            if self._sink is not None:
+                self._sink.close()
+            else:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+        except OSError as e:
+            raise disk_error(e, self.path) or e from None
         actual = self.tmp.stat().st_size
         assert actual == self.size, (actual, self.size)
         os.replace(self.tmp, self.path)
@@ -360,7 +371,7 @@ class Manifest:
                 m.files = old.get("files", {})
                 m.extra = old.get("extra", {})
         else:
-            others = [p.name for p in dst.iterdir()]
+            others = [p.name for p in dst.iterdir() if p.name != LOCK_NAME]
             if others:
                 raise OutputError(f"{dst} is not empty and has no dsv3-tools manifest; choose an empty destination")
         m.complete = False
