@@ -21,18 +21,30 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import ConfigError, DeviceError, LayoutError, ScaleValueError
+from .errors import CheckpointError, ConfigError, DeviceError, LayoutError, ScaleValueError
 from .family import is_v4
-from .layout import INDEX_NAME
+from .layout import INDEX_NAME, ORIGIN_NAME
 from .output import Output, OutputPlan, plan_output, sidecar_files
 from .pipeline import ReadAhead
 from .runtime import resolve_device
-from .stfile import DTYPE_SIZE, Entry, TensorInfo, nbytes, planned_size, torch_dtype
+from .stfile import (
+    DTYPE_SIZE,
+    Entry,
+    TensorInfo,
+    header_entries,
+    nbytes,
+    parse_header,
+    planned_size,
+    read_header,
+    torch_dtype,
+)
 from .writer import SafetensorsWriter, read_manifest, source_fingerprint, tensor_bytes
 
 Progress = Callable[[int], None]
@@ -83,14 +95,16 @@ class CastReport:
 
 @dataclass
 class Op:
-    """What one input tensor becomes. ``kind``: "copy"; "dequant" (block FP8 -> BF16; F32 or E8M0 scales);
-    "quant" (BF16 -> block FP8 + F32 scales); DeepSeek-V4's "dequant_fp4" (FP4 + 1x32 E8M0 -> BF16) and "fp4_fp8"
-    (FP4 -> FP8 + 128x128 E8M0, exact or refused)."""
+    """What one input tensor becomes. ``kind``: "copy"; "dequant" (block FP8 -> BF16; F32 or, DeepSeek-V4, E8M0
+    scales); "quant" (BF16 -> block FP8); "scale" (a scale stored apart from its weight: computed from it);
+    DeepSeek-V4's "dequant_fp4" (FP4 + 1x32 E8M0 -> BF16) and "fp4_fp8" (FP4 -> FP8 + 128x128 E8M0, exact or refused)."""
 
     kind: str
-    info: TensorInfo
-    scale: TensorInfo | None = None  # the input scale tensor (possibly in another file)
-    scale_out: str | None = None  # quant, fp4_fp8: the name of the scale written after the weight
+    info: TensorInfo  # the tensor read (for "scale": the BF16 weight it comes from)
+    scale: TensorInfo | None = None  # dequant, FP4: the scale tensor; quant/scale: the original scale (fp8-bf16's)
+    fmt: str | None = None  # quant/scale: the scale kind of fresh tiles (None: f32 amax / 448, or "ue8m0")
+    scale_here: bool = True  # quant: the scale follows the weight in this file (else it is written where it was)
+    scale_out: str | None = None  # fp4_fp8: the name of the new scale, written right after the weight
 
 
 @dataclass
@@ -100,6 +114,7 @@ class FilePlan:
     ops: list[Op]
     bytes_in: int
     size: int
+    header: bytes | None = None  # the original file's header, reproduced byte for byte (bf16-fp8 with an origin)
 
 
 @dataclass
@@ -121,7 +136,7 @@ class CastPlan:
 
     @property
     def n_cast(self) -> int:
-        return sum(1 for p in self.files for op in p.ops if op.kind != "copy")
+        return len(self.extra["fp8_weights"] if "fp8_weights" in self.extra else self.extra["converted"])
 
     def report(self, dry_run: bool = True) -> CastReport:
         files = [
@@ -195,8 +210,23 @@ def plan_bf16_to_fp8(
     else:
         wanted, origin = set(N.quantizable_weights(cfg)), "name table"
         orig_qc, block = {}, (128, 128)
+    explicit = scale_fmt is not None
     if scale_fmt is None:
         scale_fmt = "ue8m0" if orig_qc.get("scale_fmt") == "ue8m0" else "f32"
+    kinds = rextra.get("scale_kinds") or {} if origin == "manifest" else {}
+    other = set(kinds.get("other") or ())
+
+    def fmt_of(weight: str) -> str | None:
+        """The scale kind of fresh tiles: --scale-fmt, else the original tensor's (V3.1: o_proj f32, the rest
+        ue8m0), else the original checkpoint's."""
+        if explicit or not kinds:
+            kind = scale_fmt
+        else:
+            kind = kinds.get("default", scale_fmt)
+            if weight in other:
+                kind = "f32" if kind == "ue8m0" else "ue8m0"
+        return None if kind == "f32" else kind
+
     selected = {n for n in wanted if n in ck.tensors and not any(fnmatch.fnmatchcase(n, p) for p in ignore)}
     for name in sorted(selected):
         info = ck.tensors[name]
@@ -204,7 +234,12 @@ def plan_bf16_to_fp8(
             raise ConfigError(
                 f"tensor {name!r}: cannot quantize {info.dtype}{list(info.shape)} (listed by the {origin})"
             )
-    plans, dropped = _plan(ck, BF16_FP8, mtp=mtp, selected=selected, block=block)
+    # The original scales are reused where they reproduce a block exactly, unless --scale-fmt asks for fresh ones.
+    prev = _read_origin(ck, block) if origin == "manifest" and not explicit else None
+    plans = _plan_like_origin(ck, prev, selected, block, fmt_of) if prev is not None and mtp == "keep" else None
+    dropped = 0
+    if plans is None:
+        plans, dropped = _plan(ck, BF16_FP8, mtp=mtp, selected=selected, block=block, prev=prev, fmt_of=fmt_of)
     fmt = None if scale_fmt == "f32" else scale_fmt
     job = {"stage": "cast", "direction": BF16_FP8, "mtp": mtp, "scale_fmt": scale_fmt, "ignore": sorted(ignore)}
     qc = {k: v for k, v in orig_qc.items() if k != "scale_fmt"}
@@ -294,9 +329,17 @@ def _open_input(src: Path) -> Checkpoint:
 
 
 def _plan(
-    ck: Checkpoint, direction: str, *, mtp: str, selected: set[str], block: tuple[int, int]
+    ck: Checkpoint,
+    direction: str,
+    *,
+    mtp: str,
+    selected: set[str],
+    block: tuple[int, int],
+    prev: _Origin | None = None,
+    fmt_of: Callable[[str], str | None] = lambda name: None,
 ) -> tuple[list[FilePlan], int]:
-    """Output files (same names as the input's), their tensors in input byte order, and the work for each."""
+    """Output files (same names as the input's), their tensors in input byte order, and the work for each; a
+    re-quantized weight's scale right after it."""
     plans: list[FilePlan] = []
     dropped = 0
     for rel in sorted(ck.files):
@@ -320,7 +363,7 @@ def _plan(
             elif name in selected:
                 grid = tuple(-(-d // b) for d, b in zip(info.shape, block))
                 entries += [(name, "F8_E4M3", info.shape), (N.scale_name(name), "F32", grid)]
-                ops.append(Op("quant", info, scale_out=N.scale_name(name)))
+                ops.append(Op("quant", info, prev.scale(name, grid) if prev else None, fmt_of(name)))
                 bytes_in += info.nbytes
                 continue
             entries.append((name, info.dtype, info.shape))
@@ -329,6 +372,130 @@ def _plan(
         if entries:
             plans.append(FilePlan(rel, entries, ops, bytes_in, planned_size(entries, {"format": "pt"})))
     return plans, dropped
+
+
+# ---------------------------------------------------------------------- what an FP8 original was (ORIGIN_NAME)
+HEADER_PREFIX = "__header__/"  # the origin file's tensors holding each original data file's header bytes
+
+
+@dataclass
+class _Origin:
+    """The FP8 original as ``cast fp8-bf16`` kept it: every block scale, and each data file's header bytes."""
+
+    scales: dict[str, TensorInfo]  # HF scale name -> where it is in the origin file
+    headers: dict[str, bytes]  # original data file -> its header (length prefix included)
+
+    def scale(self, weight: str, grid: tuple[int, ...]) -> TensorInfo | None:
+        info = self.scales.get(N.scale_name(weight))
+        return info if info is not None and info.shape == grid and info.dtype == "F32" else None
+
+
+def _read_origin(ck: Checkpoint, block: tuple[int, int]) -> _Origin | None:
+    """The origin file of a BF16 folder written by ``cast fp8-bf16`` (None when absent; a warning when unusable)."""
+    path = ck.path / ORIGIN_NAME
+    if not path.is_file():
+        return None
+    try:
+        h = read_header(path, ORIGIN_NAME)
+    except CheckpointError as e:
+        ck.warnings.append(f"{ORIGIN_NAME} is unreadable ({e.detail}): weights get fresh scales")
+        return None
+    scales = {n: i for n, i in h.tensors.items() if not n.startswith(HEADER_PREFIX)}
+    headers = {
+        n.removeprefix(HEADER_PREFIX): ck.read_bytes(i).numpy().tobytes()
+        for n, i in h.tensors.items()
+        if n.startswith(HEADER_PREFIX)
+    }
+    return _Origin(scales, headers)
+
+
+def _plan_like_origin(
+    ck: Checkpoint,
+    origin: _Origin,
+    selected: set[str],
+    block: tuple[int, int],
+    fmt_of: Callable[[str], str | None],
+) -> list[FilePlan] | None:
+    """The original FP8 files again: same names, same tensors in the same order (a scale where it was, also in
+    another file than its weight), the original header bytes. None when the BF16 folder no longer matches them
+    (tensors added, removed, reshaped, or not all of the original FP8 weights re-quantized)."""
+    files: dict[str, list[Entry]] = {}
+    for rel, hb in sorted(origin.headers.items()):
+        try:
+            files[rel] = header_entries(parse_header(hb[8:], None, rel))
+        except CheckpointError:
+            return None
+    original = {n: (d, s) for entries in files.values() for n, d, s in entries}
+    weights = {n for n in original if not N.is_scale(n)}
+    if weights != set(ck.tensors):
+        return None
+    for n in weights:
+        d, s = original[n]
+        info = ck.tensors[n]
+        if info.shape != s or (d == "F8_E4M3") != (n in selected) or (d != "F8_E4M3" and d != info.dtype):
+            return None
+        if d == "F8_E4M3" and original.get(N.scale_name(n)) != ("F32", _grid(s, block)):
+            return None
+    plans = []
+    for rel, entries in files.items():
+        ops: list[Op] = []
+        bytes_in = 0
+        for i, (name, _, _) in enumerate(entries):
+            if N.is_scale(name):
+                w = N.weight_of(name)
+                if i and entries[i - 1][0] == w:
+                    continue  # written right after its weight
+                info = ck.tensors[w]
+                ops.append(Op("scale", info, origin.scale(w, _grid(info.shape, block)), fmt_of(w)))
+            elif name in selected:
+                info = ck.tensors[name]
+                here = i + 1 < len(entries) and entries[i + 1][0] == N.scale_name(name)
+                ops.append(Op("quant", info, origin.scale(name, _grid(info.shape, block)), fmt_of(name), here))
+            else:
+                info = ck.tensors[name]
+                ops.append(Op("copy", info))
+            bytes_in += info.nbytes
+        hb = origin.headers[rel]
+        plans.append(FilePlan(rel, entries, ops, bytes_in, len(hb) + sum(nbytes(d, s) for _, d, s in entries), hb))
+    return plans
+
+
+def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    return tuple(-(-d // b) for d, b in zip(shape, block))
+
+
+def _write_origin(plan: CastPlan, out: Output) -> dict:
+    """Keep what the FP8 original was beside the BF16 output: every block scale and each data file's header (about
+    1/4000 of the BF16 bytes), so that ``cast bf16-fp8`` gives back the original bytes. Returns each weight's scale
+    kind: ``ue8m0`` when every scale is a power of two, else ``f32`` (V3.1 stores o_proj's apart)."""
+    import torch
+
+    ck = plan.ck
+    scales = [(op.scale.name, op.scale) for fp in plan.files for op in fp.ops if op.kind == "dequant"]
+    kinds: dict[str, str] = {}
+    for name, info in scales:
+        s = ck.read_info(info).float()
+        m, _ = torch.frexp(s)
+        kinds[N.weight_of(name)] = "ue8m0" if bool(((m == 0.5) & (s > 0)).all()) else "f32"
+    if not out.is_done(ORIGIN_NAME):
+        headers = {
+            HEADER_PREFIX + rel: ck.read_bytes(TensorInfo(rel, rel, "U8", (h.data_start,), 0, h.data_start))
+            for rel, h in sorted(ck.headers.items())
+        }
+        entries = [(n, i.dtype, i.shape) for n, i in scales] + [(n, "U8", (len(b),)) for n, b in headers.items()]
+        w = SafetensorsWriter(out.plan.dst / ORIGIN_NAME, entries, {"format": "pt", "dsv3_fp8_origin": "1"})
+        try:
+            for n, info in scales:
+                w.write_raw(n, memoryview(ck.read_bytes(info).numpy()))
+            for n, b in headers.items():
+                w.write_raw(n, memoryview(b.numpy()))
+            out.record(w.finish(), kind="origin")
+        except BaseException:
+            w.abort()
+            raise
+    counts = {k: sum(v == k for v in kinds.values()) for k in SCALE_FMTS}
+    default = max(SCALE_FMTS, key=lambda k: counts[k])
+    return {"default": default, "other": sorted(n for n, k in kinds.items() if k != default)}
 
 
 def finish_plan(
@@ -375,6 +542,8 @@ def _out_config(src: Path, direction: str, mtp: str, extra: dict) -> dict:
 def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
     """Write ``plan``'s output folder (resuming an interrupted run of the same cast); ``progress(n)`` gets the input
     bytes consumed."""
+    import torch
+
     t0 = time.perf_counter()
     report = plan.report(dry_run=False)
     out = Output(plan.output)
@@ -385,6 +554,7 @@ def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
     n_workers = 1 if plan.device != "cpu" else max(1, plan.workers or os.cpu_count() or 1)
     pool = ThreadPoolExecutor(n_workers, thread_name_prefix="dsv3-cast")
     torch.set_num_threads(1)
+    held: dict[str, torch.Tensor] = {}  # scales stored apart from their weight (bf16-fp8 in the original layout)
     try:
         for fp, f in zip(plan.files, report.files):
             if out.is_done(fp.name):
@@ -392,9 +562,11 @@ def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
                 report.kept.append(fp.name)
                 advance(fp.bytes_in)
                 continue
-            rec = _write_file(plan, fp, advance, pool, n_workers + 1)
+            rec = _write_file(plan, fp, advance, pool, n_workers + 1, held)
             out.record(rec, kind="shard", tensors=len(fp.entries))
             f.status = "written"
+        if plan.direction == FP8_BF16:
+            plan.extra["scale_kinds"] = _write_origin(plan, out)
         json_files: dict[str, object] = {}
         if plan.ck.layout == "hf-sharded":
             wmap = {name: p.name for p in plan.files for name, _, _ in p.entries}
@@ -405,34 +577,55 @@ def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(old_threads)
+        out.lock.release()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _write_file(plan: CastPlan, fp: FilePlan, advance: Progress, pool: ThreadPoolExecutor, depth: int):
+def _write_file(
+    plan: CastPlan,
+    fp: FilePlan,
+    advance: Progress,
+    pool: ThreadPoolExecutor,
+    depth: int,
+    held: dict[str, torch.Tensor],
+):
     """Stream one output file: a reader thread fetches chunks, ``pool`` converts them (torch ops release the GIL),
     this thread hands results to the writer in order, whose threads hash and write. Every buffer handed on is fresh,
-    so the stages overlap without copies."""
+    so the stages overlap without copies. ``held``: scales written in another file than their weight's."""
+    import torch
+
     from .v4.cast import convert_fp4  # (here: v4.cast builds on this module)
 
-    w = SafetensorsWriter(plan.output.dst / fp.name, fp.entries, {"format": "pt"}, background=True, direct=True)
+    w = SafetensorsWriter(
+        plan.output.dst / fp.name, fp.entries, {"format": "pt"}, background=True, direct=True, header=fp.header
+    )
     chunks = ReadAhead(_read_chunks(plan.ck, fp, plan.device, plan.block), depth=3, name="dsv3-read")
     pending: deque = deque()  # (op, future or data, last, nbytes), in output order
     scales: list[torch.Tensor] = []
-    block, device, scale_fmt = plan.block, plan.device, plan.scale_fmt
+    block, device = plan.block, plan.device
 
     def flush_one() -> None:
+
         nonlocal scales
         op, fut, last, nbytes = pending.popleft()
         res = fut.result() if isinstance(fut, Future) else fut
         name = op.info.name
-        if op.scale_out is not None:  # quant, fp4_fp8: the weight, then (after its last chunk) its new scales
+        if op.kind in ("quant", "scale", "fp4_fp8"):  # a weight (but "scale"), then its new scales after its last chunk
             q, sc = res
-            w.write_part(name, tensor_bytes(q))
+            if op.kind != "scale":
+                w.write_part(name, tensor_bytes(q))
             scales.append(sc)
             if last:
-                w.write_part(op.scale_out, tensor_bytes(torch.cat(scales)))
+                s = torch.cat(scales)
                 scales = []
+                sname = op.scale_out or N.scale_name(name)
+                if op.kind == "scale" or op.scale_here:
+                    w.write_part(sname, tensor_bytes(s))
+                if sname in held and not torch.equal(held[sname], s):
+                    raise AssertionError(f"{sname}: computed twice with different values")
+                if op.kind == "scale" or not op.scale_here:
+                    held[sname] = s
         else:
             w.write_part(name, tensor_bytes(res))
         advance(nbytes)
@@ -443,10 +636,10 @@ def _write_file(plan: CastPlan, fp: FilePlan, advance: Progress, pool: ThreadPoo
                 pending.append((op, x, last, nbytes))
             elif op.kind == "dequant":
                 pending.append((op, pool.submit(_dequant, x, s, block, device), last, nbytes))
-            elif op.kind == "quant":
-                pending.append((op, pool.submit(_quant, x, block, scale_fmt), last, nbytes))
-            else:  # DeepSeek-V4's FP4 experts
+            elif op.kind in ("dequant_fp4", "fp4_fp8"):  # DeepSeek-V4's FP4 experts
                 pending.append((op, pool.submit(convert_fp4, op, x, s, r0), last, nbytes))
+            else:  # quant, scale: s holds the original scales of these rows, when kept
+                pending.append((op, pool.submit(_quant, x, block, op.fmt, s), last, nbytes))
             while len(pending) > depth:
                 flush_one()
         while pending:
@@ -465,6 +658,8 @@ def _write_file(plan: CastPlan, fp: FilePlan, advance: Progress, pool: ThreadPoo
 
 def _read_chunks(ck: Checkpoint, plan: FilePlan, device: str, block: tuple[int, int]) -> Iterator[tuple]:
     """(op, data, scale rows, first row, last chunk of the tensor?, input bytes) in output order, bounded in size."""
+    import torch
+
     b0 = block[0]
     elems = GPU_CHUNK if device != "cpu" else CPU_CHUNK
     for op in plan.ops:
@@ -479,9 +674,10 @@ def _read_chunks(ck: Checkpoint, plan: FilePlan, device: str, block: tuple[int, 
             continue
         rows, cols = info.shape
         scale = ck.read_info(op.scale) if op.scale is not None else None  # just the scale's bytes
-        if scale is not None and scale.dtype == torch.float8_e8m0fnu and op.kind == "dequant":
+        if scale is not None and op.kind == "dequant" and op.scale.dtype == "F8_E8M0":
             scale = _e8m0_scales(scale, info.name, op.scale.file)
-        per = 1 if op.kind in ("dequant_fp4", "fp4_fp8") else b0  # weight rows per scale row: 1x32 groups, or blocks
+        fp4 = op.kind in ("dequant_fp4", "fp4_fp8")
+        per = 1 if fp4 else b0  # weight rows per scale row: 1x32 groups (FP4), or blocks
         row_bytes = cols * DTYPE_SIZE[info.dtype]
         step = max(b0, (elems // max(cols, 1)) // b0 * b0)  # whole block rows, so that scale rows line up
         if rows == 0:
@@ -491,12 +687,14 @@ def _read_chunks(ck: Checkpoint, plan: FilePlan, device: str, block: tuple[int, 
             raw = ck.read_bytes(info, r0 * row_bytes, r1 * row_bytes)
             x = raw.view(torch_dtype(info.dtype)).view(r1 - r0, cols)
             s = scale[r0 // per : -(-r1 // per)] if scale is not None else None
-            extra = op.scale.nbytes if (scale is not None and r0 == 0) else 0
+            extra = op.scale.nbytes if ((op.kind == "dequant" or fp4) and r0 == 0) else 0
             yield op, x, s, r0, r1 == rows, (r1 - r0) * row_bytes + extra
 
 
 def _e8m0_scales(scale: torch.Tensor, name: str, file: str) -> torch.Tensor:
     """F32 of a DeepSeek-V4 weight's E8M0 block scales (exact); a NaN byte is an error, not a NaN weight."""
+    import torch
+
     from dsv3_tools.kernels.fp4 import E8M0_NAN, e8m0_to_f32
 
     nan = scale.view(torch.uint8) == E8M0_NAN
@@ -505,10 +703,12 @@ def _e8m0_scales(scale: torch.Tensor, name: str, file: str) -> torch.Tensor:
     return e8m0_to_f32(scale)
 
 
-def _quant(x: torch.Tensor, block: tuple[int, int], scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant(
+    x: torch.Tensor, block: tuple[int, int], scale_fmt: str | None, prev: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     from dsv3_tools.kernels.cpu_dequant import quant_fp8
 
-    return quant_fp8(x, block, scale_fmt)
+    return quant_fp8(x, block, scale_fmt, prev)
 
 
 def _dequant(x: torch.Tensor, s: torch.Tensor, block: tuple[int, int], device: str) -> torch.Tensor:

@@ -14,8 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import names as N
 from .errors import (
@@ -45,6 +44,9 @@ from .v4.validate import looks_v4
 from .v4.validate import validate as validate_v4
 from .v4.validate import validate_scales as validate_v4_scales
 from .validate import validate, validate_scales
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: opening a folder needs none of it
+    import torch
 
 
 @dataclass
@@ -110,6 +112,8 @@ class Checkpoint:
         """Bytes [start, stop) of a tensor's data as a uint8 tensor (into ``out`` when given)."""
         stop = info.nbytes if stop is None else stop
         n = stop - start
+        import torch
+
         buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
         assert buf.numel() >= n and buf.dtype == torch.uint8
         mv = memoryview(buf.numpy())[:n]
@@ -146,6 +150,8 @@ class Checkpoint:
         split = self.split_of(name)
         if len(parts) == 1 or not isinstance(split, int):
             return self.read_info(parts[0].info)
+        import torch
+
         pieces = [self.read_info(p.info) for p in sorted(parts, key=lambda p: p.rank)]
         return torch.cat(pieces, dim=split)
 

@@ -77,7 +77,13 @@ def synth(
     layers: Annotated[int | None, typer.Option(help="Reduce depth to this many main layers.")] = None,
     experts: Annotated[int | None, typer.Option(help="Reduce the routed experts to this many.")] = None,
     mtp: MtpOpt = Mtp.keep,
-    scale_fmt: Annotated[str | None, typer.Option(help="ue8m0 for power-of-two scales (V3.1 style).")] = None,
+    scale_fmt: Annotated[
+        str | None,
+        typer.Option(
+            help="ue8m0: power-of-two scales; v3.1: as the released V3.1 (ue8m0 except self_attn.o_proj, whose "
+            "scales carry the mantissa 1.3228756)."
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
@@ -336,8 +342,10 @@ def cast_bf16_fp8(
     scale_fmt: Annotated[
         str | None,
         typer.Option(
-            help="f32 (amax / 448) or ue8m0 (power of two, rounded up); default: the original checkpoint's "
-            "(from the fp8-bf16 manifest), else f32."
+            help="Quantize every block afresh with f32 (amax / 448) or ue8m0 (power of two, rounded up) scales. "
+            "Default: keep each block's original scale where it reproduces the block exactly (unchanged blocks "
+            "come back byte for byte) and give changed blocks fresh scales of their tensor's original kind (from "
+            "the fp8-bf16 manifest), else f32."
         ),
     ] = None,
     ignore: Annotated[
@@ -408,20 +416,39 @@ def generate(
     raise typer.Exit(run_generate(opts, report.generate_ui(json_)))
 
 
+# What Ctrl-C leaves behind, per command: only the commands that resume say "run it again to resume".
+_INTERRUPTED = {
+    "cast": "interrupted; finished files are kept: run the same command again to resume",
+    "shard": "interrupted; finished files are kept: run the same command again to resume",
+    "download": "interrupted; finished files and partial transfers are kept: run the same command again to resume",
+    "synth": "interrupted; the output folder is incomplete (no config.json): remove it, then run the command again",
+    "demo": "interrupted; run the same command again: it starts over in its work folder",
+}
+
+
+def _interrupted() -> str:
+    cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    return _INTERRUPTED.get(cmd, "interrupted")
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point: run the app, turning user errors into one line and exit code 2, and anything unexpected into one
+    line and exit code 1 (``DSV3_DEBUG=1`` shows the traceback instead)."""
+    import os
+
     from . import report
+    from .errors import disk_error
 
     try:
         rc = app(standalone_mode=False, prog_name="dsv3-tools")  # click returns typer.Exit's code in this mode
         if rc == 130:  # typer turns KeyboardInterrupt into a silent Exit(130): the except below never sees it
-            report.error("interrupted; finished outputs are kept: run the same command again to resume")
+            report.error(_interrupted())
         sys.exit(rc if isinstance(rc, int) else 0)
     except Dsv3Error as e:
         report.error(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        report.error("interrupted; finished outputs are kept: run the same command again to resume")
+        report.error(_interrupted())
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -439,4 +466,12 @@ def main() -> None:
                 hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
                 report.error(f"{message}{hint}")
             sys.exit(e.exit_code)
-        raise
+        err = disk_error(e) if isinstance(e, OSError) else None
+        if err is not None:
+            report.error(str(err))
+            sys.exit(err.exit_code)
+        if os.environ.get("DSV3_DEBUG") == "1":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        report.error(f"unexpected {type(e).__name__}: {first} (run with DSV3_DEBUG=1 for the traceback)")
+        sys.exit(1)

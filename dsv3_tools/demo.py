@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .disk import check_destination
+from .errors import OutputError
+
 
 def _step(title: str, args: list[str]) -> int:
     from . import report
@@ -15,11 +18,25 @@ def _step(title: str, args: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "dsv3_tools", *args])
 
 
-def run_demo(workdir: Path) -> int:
-    """Run the demo pipeline in ``workdir`` (recreated); return the first failing exit code or 0."""
-    if workdir.exists():
+MARKER = ".dsv3-demo"  # in a work folder the demo made: only such a folder is emptied by a later demo
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """A fresh work folder: made new, or emptied when an earlier demo made it (its marker file says so). Any other
+    existing folder that is not empty is refused: the demo deletes nothing it did not create."""
+    check_destination(workdir)
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).is_file():
+            raise OutputError(f"{workdir} is not empty and was not made by dsv3-tools demo; choose another --workdir")
         shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by dsv3-tools demo: a later demo may empty this folder\n")
+
+
+def run_demo(workdir: Path) -> int:
+    """Run the demo pipeline in ``workdir`` (a new folder, or one an earlier demo made); return the first failing
+    exit code or 0."""
+    prepare_workdir(workdir)
     fp8 = str(workdir / "tiny-fp8")
     steps = [
         ("a synthetic FP8 checkpoint in the exact HF format", ["synth", fp8, "--config", "tiny"]),

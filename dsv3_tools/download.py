@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .disk import free_bytes
+from .disk import check_destination, free_bytes, human_bytes
 from .errors import DownloadError, OutputError
 from .layout import INDEX_NAME
 
@@ -113,8 +113,8 @@ class DownloadPlan:
         r = self.report
         if not r.fits and not force:
             raise OutputError(
-                f"not enough space at {self.layout.space_root}: {r.need_bytes / 1e9:.2f} GB to download + "
-                f"{r.margin_bytes / 1e9:.2f} GB margin, {r.free_bytes / 1e9:.2f} GB free "
+                f"not enough space at {self.layout.space_root}: {human_bytes(r.need_bytes)} to download + "
+                f"{human_bytes(r.margin_bytes)} margin, {human_bytes(r.free_bytes)} free "
                 "(free some space, choose another --local-dir, or pass --force)"
             )
 
@@ -144,8 +144,11 @@ def plan_download(
     cache_dir = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve()
     local = Path(local_dir).expanduser().resolve() if local_dir is not None else None
     allow, ignore = list(include) or None, list(exclude) or None
+    _check_repo_id(repo_id)
     if offline is None:
         offline = constants.is_offline_mode()
+    if not offline:
+        check_destination(local if local is not None else cache_dir)
     if offline:
         return DownloadPlan(_offline(repo_id, revision, local, cache_dir, allow, ignore, verify, repair))
 
@@ -347,9 +350,27 @@ class _Cache:
 # --- listing and access --------------------------------------------------------------------------------------------
 
 
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise DownloadError(
+            f"{repo_id!r} is not a valid repository id (expected owner/name, e.g. deepseek-ai/DeepSeek-V3)"
+        ) from None
+
+
 def _hub_error(e: Exception, repo_id: str, revision: str | None, endpoint: str) -> DownloadError | None:
     """A one-line DownloadError for the errors a user can fix, or None for anything else."""
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         from httpx2 import TransportError
@@ -357,6 +378,10 @@ def _hub_error(e: Exception, repo_id: str, revision: str | None, endpoint: str) 
         TransportError = ConnectionError  # noqa: N806
 
     login = "log in with `hf auth login` or set HF_TOKEN"
+    if isinstance(e, HFValidationError):
+        return DownloadError(
+            f"{repo_id!r} is not a valid repository id (expected owner/name, e.g. deepseek-ai/DeepSeek-V3)"
+        )
     if isinstance(e, GatedRepoError):
         return DownloadError(f"{repo_id} is gated: accept its terms at {endpoint}/{repo_id}, then {login}")
     if isinstance(e, RepositoryNotFoundError):
@@ -401,7 +426,8 @@ def _list_files(repo_id, revision, endpoint, token, allow, ignore) -> tuple[str,
             raise DownloadError(f"{repo_id} lists an unsafe file name {name!r}; refusing to write outside the folder")
     picked = list(filter_repo_objects(sorted(entries), allow_patterns=allow, ignore_patterns=ignore))
     if not picked:
-        raise DownloadError(f"no file of {repo_id} ({len(entries)} files) matches --include {allow} --exclude {ignore}")
+        asked = " ".join([*(f"--include {p!r}" for p in allow or ()), *(f"--exclude {p!r}" for p in ignore or ())])
+        raise DownloadError(f"no file of {repo_id} ({len(entries)} files) is selected by {asked}")
     return info.sha, [entries[n] for n in picked], set(entries)
 
 
@@ -795,10 +821,11 @@ def _offline(repo_id, revision, local: Path | None, cache_dir: Path, allow, igno
                 tqdm_class=_quiet_tqdm(),
             )
         )
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError:
         where = local or cache_dir
         raise DownloadError(
-            f"offline (HF_HUB_OFFLINE=1) and no complete copy of {repo_id}@{rev} in {where}: {str(e).splitlines()[0]}"
+            f"offline (HF_HUB_OFFLINE=1) and no complete copy of {repo_id}@{rev} in {where}: download it once with "
+            "the network on (unset HF_HUB_OFFLINE), or point --local-dir / HF_HOME at a folder that holds it"
         ) from None
     r = DownloadReport(
         repo_id=repo_id,

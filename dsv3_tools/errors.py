@@ -6,6 +6,8 @@ each to a one-line message and exit code 2. ``assert`` is kept for internal inva
 
 from __future__ import annotations
 
+import errno
+
 
 class Dsv3Error(Exception):
     """Base class of every error caused by input rather than by a bug."""
@@ -93,6 +95,27 @@ class UnknownNameError(CheckpointError):
 
 class OutputError(Dsv3Error):
     """The destination cannot be written (not empty, not enough space, ...)."""
+
+
+_DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (a file-size limit of this system or process)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def disk_error(e: OSError, path: object = None) -> OutputError | None:
+    """A one-line ``OutputError`` for an OS error a user can fix where the output goes (full disk, read-only file
+    system, permissions), naming the path; None for anything else."""
+    why = _DISK_ERRNOS.get(e.errno)
+    if why is None:
+        return None
+    where = path if path is not None else (e.filename or "the destination")
+    fix = "free some space there" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "choose another place"
+    return OutputError(f"{where}: {why}; {fix}, then run the same command again (finished files are kept)")
 
 
 class ShardingError(Dsv3Error):

@@ -21,6 +21,10 @@ from .errors import LayoutError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "dsv3-manifest.json"
+# What ``cast fp8-bf16`` keeps of the FP8 original beside its BF16 output (every block scale, every file's header),
+# so that ``cast bf16-fp8`` gives back the original bytes. Safetensors inside, but not named ``*.safetensors``:
+# loaders that glob for weights must not take it for one.
+ORIGIN_NAME = "dsv3-fp8-origin.st"
 MP_RE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 MP_MTP_RE = re.compile(r"^mtp(\d+)-mp(\d+)\.safetensors$")
 MODEL_ARGS_NAME = "model_args.json"  # the upstream demo's ModelArgs beside MP shards (its --config)

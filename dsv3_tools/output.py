@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .disk import free_bytes, human_bytes
+from .disk import DestinationLock, check_destination, free_bytes, human_bytes
 from .errors import OutputError
-from .layout import INDEX_NAME, MANIFEST_NAME
+from .layout import INDEX_NAME, MANIFEST_NAME, ORIGIN_NAME
 from .writer import PARTIAL_SUFFIX, FileRecord, Manifest, copy_file_atomic, read_manifest, write_json_atomic
 
 # Which of the input's other files travel with the weights. An HF-folder output (cast) keeps every one of them,
@@ -24,7 +24,7 @@ from .writer import PARTIAL_SUFFIX, FileRecord, Manifest, copy_file_atomic, read
 # transformers can load: it keeps what the official demo reads beside the shards (tokenizer, generation config)
 # and the license and README.
 MP_SIDECAR_PATTERNS = ("tokenizer*", "special_tokens_map.json", "generation_config.json", "LICENSE*", "README*")
-NOT_SIDECARS = ("config.json", INDEX_NAME, MANIFEST_NAME)
+NOT_SIDECARS = ("config.json", INDEX_NAME, MANIFEST_NAME, ORIGIN_NAME)
 JSON_ALLOWANCE = 1 << 20  # room for the small JSON files written last (index, configs)
 
 
@@ -88,8 +88,7 @@ def plan_output(
     """Check ``dst`` for a job writing ``files`` (name -> size) plus sidecars and copies; nothing is written."""
     src, dst = Path(src), Path(dst)
     check_separate(src, dst)
-    if dst.exists() and not dst.is_dir():
-        raise OutputError(f"{dst} exists and is not a folder")
+    check_destination(dst)
     plan = OutputPlan(src, dst, job, dict(files), list(sidecars), dict(copies or {}))
     old = read_manifest(dst) if dst.is_dir() else None
     if old and old.get("job") == job:
@@ -108,14 +107,27 @@ def plan_output(
 
 
 class Output:
-    """The writing side of a run: open with ``Output(plan)``, ``record`` each data file, then ``finish``."""
+    """The writing side of a run: ``with Output(plan) as out:``, ``record`` each data file, then ``finish``. While
+    open it holds the destination's lock: a second run into the same folder refuses instead of mixing files."""
 
     def __init__(self, plan: OutputPlan) -> None:
         plan.check_space()
         self.plan = plan
-        self.man = Manifest.open(plan.dst, plan.job)
-        for p in plan.dst.rglob("." + "*" + PARTIAL_SUFFIX):  # leftovers of an interrupted run, sub-folders too
-            p.unlink()
+        plan.dst.mkdir(parents=True, exist_ok=True)
+        self.lock = DestinationLock(plan.dst).acquire()
+        try:
+            self.man = Manifest.open(plan.dst, plan.job)
+            for p in plan.dst.rglob("." + "*" + PARTIAL_SUFFIX):  # leftovers of an interrupted run, sub-folders too
+                p.unlink()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
 
     def is_done(self, name: str) -> bool:
         """Finished by an earlier run of this job and still intact (size and sha256 match the manifest)."""

@@ -52,11 +52,12 @@ def human_count(n: float) -> str:
 
 @contextmanager
 def byte_progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A progress bar over bytes with throughput and ETA; yields ``advance(nbytes)``."""
+    """A progress bar over bytes with throughput and ETA; yields ``advance(nbytes)``. The bar appears with the first
+    bytes, so an error found before any work (bad input) is never preceded by an empty bar."""
     if not enabled:
         yield lambda n: None
         return
-    with Progress(
+    p = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         DownloadColumn(),
@@ -65,9 +66,23 @@ def byte_progress(total: int, description: str, enabled: bool = True) -> Iterato
         TimeRemainingColumn(),
         console=console,
         transient=False,
-    ) as p:
-        task = p.add_task(description, total=total)
-        yield lambda n: p.advance(task, n)
+    )
+    task = p.add_task(description, total=total, start=False)
+    started = False
+
+    def advance(n: int) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            p.start()
+            p.start_task(task)
+        p.advance(task, n)
+
+    try:
+        yield advance
+    finally:
+        if started:
+            p.stop()
 
 
 def to_jsonable(obj: Any) -> Any:

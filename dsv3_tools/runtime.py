@@ -8,6 +8,7 @@ imports), else the CPU; ``--engine auto`` means Triton on CUDA, plain torch on t
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 from collections.abc import Callable
@@ -102,7 +103,17 @@ def init_distributed(device: str) -> tuple[int, int]:
         if cuda:
             torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if cuda else "gloo")
+        # Left to the interpreter's teardown, the group's C++ threads can still be joinable when they are destroyed,
+        # which aborts the process (std::terminate) after its work is done: tear it down first.
+        atexit.register(_destroy_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def dist_info() -> tuple[int, int]:

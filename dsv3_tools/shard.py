@@ -41,8 +41,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
@@ -316,18 +318,18 @@ def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
     t0 = time.monotonic()
     ck = plan.ck
     try:
-        out = Output(plan.output)
-        pending = [n for n in plan.sizes if not out.is_done(n)]
-        read, written = _write_files(plan, pending, out, progress or (lambda n: None))
-        cfg = ck.config
-        extra = {
-            "mp": plan.mp,
-            "mtp": plan.mtp,
-            "dtype": plan.dtype,
-            "experts_per_rank": cfg.n_routed_experts // plan.mp,
-        }
-        json_files = {MODEL_ARGS_NAME: plan.model_args} | ({"config.json": plan.config} if plan.config else {})
-        out.finish(json_files, extra)
+        with Output(plan.output) as out:
+            pending = [n for n in plan.sizes if not out.is_done(n)]
+            read, written = _write_files(plan, pending, out, progress or (lambda n: None))
+            cfg = ck.config
+            extra = {
+                "mp": plan.mp,
+                "mtp": plan.mtp,
+                "dtype": plan.dtype,
+                "experts_per_rank": cfg.n_routed_experts // plan.mp,
+            }
+            json_files = {MODEL_ARGS_NAME: plan.model_args} | ({"config.json": plan.config} if plan.config else {})
+            out.finish(json_files, extra)
     finally:
         ck.close()
     rep = plan.report(dry_run=False)
@@ -366,6 +368,7 @@ def _write_files(plan: ShardPlan, pending: list[str], out: Output, advance: Prog
     try:
         for f in pending:
             writers[f] = SafetensorsWriter(plan.output.dst / f, plan.entries[f], {"format": "pt"})
+            advance(writers[f].data_start)  # the header: the bar's total is the files' whole size
         # a read holds at least one row (one 128-row block of a weight dequantized on the way)
         rows = [
             it.info.nbytes // it.info.shape[0] * (BLOCK if it.scale is not None else 1)
@@ -400,6 +403,8 @@ class _Pipe:
     def __init__(
         self, ck: Checkpoint, writers: dict[str, SafetensorsWriter], mp: int, size: int, advance: Progress
     ) -> None:
+        import torch
+
         self.ck, self.writers, self.mp, self.advance = ck, writers, mp, advance
         self.stop = threading.Event()
         self.ring = BufferRing([torch.empty(size, dtype=torch.uint8) for _ in range(2)], self.stop)
@@ -485,6 +490,8 @@ class _Pipe:
                 self.advance((r1 - r0) * cols * 2)
 
     def _dequant_write(self, f: str, name: str, raw: torch.Tensor, s: torch.Tensor) -> None:
+        import torch
+
         from dsv3_tools.kernels.cpu_dequant import dequant_fp8
 
         self.writers[f].write_part(

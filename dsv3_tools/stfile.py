@@ -138,6 +138,12 @@ def read_header(path: Path, rel: str | None = None) -> FileHeader:
             raw = f.read(n)
     except FileNotFoundError:
         raise MissingFileError("file does not exist", file=rel) from None
+    return parse_header(raw, size, rel)
+
+
+def parse_header(raw: bytes, size: int | None, rel: str) -> FileHeader:
+    """Parse the JSON header ``raw`` (without its 8-byte length) of a file of ``size`` bytes (None: not checked)."""
+    n = len(raw)
     try:
         hdr = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -172,6 +178,8 @@ def read_header(path: Path, rel: str | None = None) -> FileHeader:
         if b != pos:
             raise HeaderError(f"data offsets leave a gap or overlap at byte {pos}", file=rel, tensor=name)
         pos = en
+    if size is None:
+        size = data_start + pos
     if data_start + pos > size:
         raise TruncatedFileError(
             f"file is {size} bytes but its header needs {data_start + pos} (truncated download?)", file=rel
@@ -179,6 +187,11 @@ def read_header(path: Path, rel: str | None = None) -> FileHeader:
     if data_start + pos < size:
         raise HeaderError(f"{size - data_start - pos} trailing bytes after the last tensor", file=rel)
     return FileHeader(rel, size, data_start, {str(k): str(v) for k, v in meta.items()}, tensors)
+
+
+def header_entries(h: FileHeader) -> list[Entry]:
+    """A parsed header's tensors in data order, as planned entries."""
+    return [(i.name, i.dtype, i.shape) for i in sorted(h.tensors.values(), key=lambda i: i.start)]
 
 
 Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape): one tensor of a planned file

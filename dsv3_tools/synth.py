@@ -16,22 +16,26 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from dsv3_tools.kernels.weight_quant import weight_quant_ref
+if TYPE_CHECKING:
+    import torch
 
 from . import names as N
 from .config import ModelConfig, QuantConfig
+from .disk import check_destination
 from .errors import ConfigError, OutputError
 from .family import AnyConfig, is_v4, load_config
 from .layout import INDEX_NAME
 from .stfile import nbytes
 from .tokenizer_files import write_tokenizer_files
-from .v4 import synth as v4_synth
 from .v4.config import V4Config
 from .writer import SafetensorsWriter, write_json_atomic
 
+# The released V3.1's block scales are powers of two except self_attn.o_proj's, which carry this mantissa
+# (sqrt(7/4); DeepSeek-V3 issue 961): `--scale-fmt v3.1` writes them that way.
+V31_O_PROJ_MANTISSA = 1.3228756555322954
+SCALE_FMTS = (None, "ue8m0", "v3.1")
 Progress = Callable[[int], None]
 
 
@@ -55,6 +59,10 @@ def derive_config(
     mtp: int | None = None,
 ) -> ModelConfig:
     """The geometry synth writes: ``cfg`` at the requested dtype, depth and expert count."""
+    if scale_fmt not in SCALE_FMTS:
+        raise ConfigError(f"--scale-fmt must be ue8m0 or v3.1, got {scale_fmt!r}")
+    if scale_fmt == "v3.1":
+        scale_fmt = "ue8m0"  # what the config says; the o_proj exception is in the scales themselves
     if layers is not None:
         if layers < 1:
             raise ConfigError("--layers must be >= 1")
@@ -88,6 +96,8 @@ def derive_config(
 
 
 def _gen(seed: int, name: str) -> torch.Generator:
+    import torch
+
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF)
     return g
@@ -95,6 +105,8 @@ def _gen(seed: int, name: str) -> torch.Generator:
 
 def master_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The full-precision value synth stores for ``name`` (before any FP8 quantization)."""
+    import torch
+
     g = _gen(seed, name)
     n = N.parse_hf(name)
     leaf, hf = n.leaf, n.module.hf
@@ -154,6 +166,7 @@ class SynthPlan:
     dtype: str
     seed: int
     files: list[list[N.TensorSpec]]
+    o_proj_mantissa: float | None = None  # --scale-fmt v3.1: o_proj's scales times this (not powers of two)
 
     @property
     def bytes(self) -> int:
@@ -182,18 +195,20 @@ def plan_synth(
     if shards < 1:
         raise ConfigError("--shards must be >= 1")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
+    check_destination(out)
     if out.exists() and any(out.iterdir()):
         raise OutputError(f"{out} is not empty")
     if is_v4(base):
+        from .v4 import synth as v4_synth
+
         if scale_fmt is not None:
             raise ConfigError("--scale-fmt applies to the V3 family; DeepSeek-V4's scale format follows --dtype")
         cfg, dtype = v4_synth.derive_config(base, dtype=dtype, layers=layers, experts=experts, mtp=mtp)
         return SynthPlan(out, cfg, dtype, seed, v4_synth.plan_files(cfg, v4_synth.FORMATS[dtype]))
     dtype = dtype or "fp8"
     cfg = derive_config(base, dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp)
-    return SynthPlan(out, cfg, dtype, seed, _plan_files(list(N.expected_tensors(cfg).values()), shards))
+    files = _plan_files(list(N.expected_tensors(cfg).values()), shards)
+    return SynthPlan(out, cfg, dtype, seed, files, V31_O_PROJ_MANTISSA if scale_fmt == "v3.1" else None)
 
 
 def synth(
@@ -216,10 +231,27 @@ def synth(
     return run_synth(plan, progress)
 
 
+def _quantized(plan: SynthPlan, spec: N.TensorSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight's FP8 values and block scales (with ``--scale-fmt v3.1``, o_proj's scales off powers of two)."""
+    from .kernels.weight_quant import quantize_with_scales, weight_quant_ref
+
+    cfg = plan.cfg
+    x = master_weight(cfg, spec.name, spec.shape, plan.seed)
+    q, s = weight_quant_ref(x, cfg.block_size, cfg.quant.scale_fmt)
+    if plan.o_proj_mantissa is not None and spec.name.endswith("self_attn.o_proj.weight"):
+        s = s * plan.o_proj_mantissa
+        q = quantize_with_scales(x, s, cfg.block_size)
+    return q, s
+
+
 def run_synth(plan: SynthPlan, progress: Progress | None = None) -> SynthReport:
     """Write ``plan``'s checkpoint, tensor by tensor (memory: one tensor)."""
+    import torch
+
     out, cfg, seed, files = plan.out, plan.cfg, plan.seed, plan.files
     if is_v4(cfg):
+        from .v4 import synth as v4_synth
+
         k, count, total = v4_synth.run(out, cfg, v4_synth.FORMATS[plan.dtype], seed, files, progress)
         _write_notes(out, cfg.model_type, seed, plan.dtype)
         return SynthReport(str(out), k, count, total, plan.dtype, cfg.model_type)
@@ -228,8 +260,6 @@ def run_synth(plan: SynthPlan, progress: Progress | None = None) -> SynthReport:
     k = len(files)
     weight_map: dict[str, str] = {}
     total = 0
-    block = cfg.block_size
-    scale_fmt = cfg.quant.scale_fmt if cfg.quant else None
     pending: dict[str, torch.Tensor] = {}  # scales computed with their weight but stored in a later file
     for i, group in enumerate(files):
         fname = shard_file_name(i, k) if k > 1 else "model.safetensors"
@@ -239,12 +269,9 @@ def run_synth(plan: SynthPlan, progress: Progress | None = None) -> SynthReport:
                 if spec.name in pending:
                     t = pending.pop(spec.name)
                 elif spec.dtype == "F8_E4M3":
-                    q, s = weight_quant_ref(master_weight(cfg, spec.name, spec.shape, seed), block, scale_fmt)
-                    t = q
-                    pending[spec.scale] = s
+                    t, pending[spec.scale] = _quantized(plan, spec)
                 elif N.is_scale(spec.name):
-                    wspec = next(x for x in specs if x.name == N.weight_of(spec.name))
-                    _, t = weight_quant_ref(master_weight(cfg, wspec.name, wspec.shape, seed), block, scale_fmt)
+                    _, t = _quantized(plan, next(x for x in specs if x.name == N.weight_of(spec.name)))
                 else:
                     dt = torch.float32 if spec.dtype == "F32" else torch.bfloat16
                     t = master_weight(cfg, spec.name, spec.shape, seed).to(dt)

@@ -19,14 +19,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from . import __version__
-from .errors import OutputError
+from .disk import LOCK_NAME
+from .errors import OutputError, disk_error
 from .layout import MANIFEST_NAME
 from .pipeline import Stopped, WriteBehind, first_error, get_until
-from .stfile import Entry, dtype_name, plan_header, torch_shape
+from .stfile import Entry, dtype_name, header_entries, parse_header, plan_header, torch_shape
 
 PARTIAL_SUFFIX = ".partial"
 TOOL_VERSION = __version__  # recorded in every manifest
@@ -179,6 +182,8 @@ class _BackgroundSink:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
+    import torch
+
     t = t.contiguous()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
@@ -194,12 +199,21 @@ class SafetensorsWriter:
         *,
         background: bool = False,
         direct: bool = False,
+        header: bytes | None = None,
     ) -> None:
         """``background``: hash and write on helper threads; the caller then hands over every buffer it passes
-        (it must not reuse or modify it). ``direct`` (with ``background``): write through ``O_DIRECT``."""
+        (it must not reuse or modify it). ``direct`` (with ``background``): write through ``O_DIRECT``. ``header``:
+        these header bytes (length prefix included) instead of planned ones, e.g. to reproduce an original file;
+        they must describe exactly ``entries``, in that data order."""
         self.path = Path(path)
         self.entries = list(entries)
-        header, self.offsets = plan_header(self.entries, metadata)
+        planned, self.offsets = plan_header(self.entries, metadata)
+        if header is not None:
+            h = parse_header(header[8:], None, self.path.name)
+            got = {i.name: (i.start - h.data_start, i.end - h.data_start) for i in h.tensors.values()}
+            if got != self.offsets or header_entries(h) != [(n, d, tuple(s)) for n, d, s in self.entries]:
+                raise AssertionError(f"{self.path.name}: the given header does not describe the planned tensors")
+        header = planned if header is None else header
         self.data_start = len(header)
         self.size = self.data_start + (max((e for _, e in self.offsets.values()), default=0))
         self.tmp = self.path.with_name("." + self.path.name + PARTIAL_SUFFIX)
@@ -211,10 +225,13 @@ class SafetensorsWriter:
         self._write(memoryview(header))
 
     def _write(self, mv: memoryview) -> None:
-        if self._sink is not None:
-            self._sink.put(mv)
-            return
-        self._f.write(mv)
+        try:
+            if self._sink is not None:
+                self._sink.put(mv)
+                return
+            self._f.write(mv)
+        except OSError as e:
+            raise disk_error(e, self.path) or e from None
         _hash_chunks(self._h, mv)
 
     @property
@@ -256,12 +273,15 @@ class SafetensorsWriter:
         """Check completeness, flush to disk, rename to the final name."""
         if self._next != len(self.entries):
             raise AssertionError(f"{self.path.name}: {len(self.entries) - self._next} tensors not written")
-        if self._sink is not None:
-            self._sink.close()
-        else:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+        try:
+            if self._sink is not None:
+                self._sink.close()
+            else:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+        except OSError as e:
+            raise disk_error(e, self.path) or e from None
         actual = self.tmp.stat().st_size
         assert actual == self.size, (actual, self.size)
         os.replace(self.tmp, self.path)
@@ -351,7 +371,7 @@ class Manifest:
                 m.files = old.get("files", {})
                 m.extra = old.get("extra", {})
         else:
-            others = [p.name for p in dst.iterdir()]
+            others = [p.name for p in dst.iterdir() if p.name != LOCK_NAME]
             if others:
                 raise OutputError(f"{dst} is not empty and has no dsv3-tools manifest; choose an empty destination")
         m.complete = False

@@ -104,15 +104,17 @@ def dequant_fp8(
 
 
 def quant_fp8(
-    x: torch.Tensor, block: tuple[int, int], scale_fmt: str | None = None
+    x: torch.Tensor, block: tuple[int, int], scale_fmt: str | None = None, prev: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight_quant_ref`` one block row at a time: the same (F8_E4M3, F32 scales), bounded memory."""
+    """``weight_quant_ref`` one block row at a time: the same (F8_E4M3, F32 scales), bounded memory. ``prev``: the
+    previous scales of these rows' blocks (kept where they reproduce a tile exactly)."""
     rows = x.shape[0]
     b0 = block[0]
     step = max(b0, (_SUB_ELEMS * 4 // max(x.shape[1], 1)) // b0 * b0)
     qs, ss = [], []
     for r0 in range(0, rows, step):
-        q, sc = weight_quant_ref(x[r0 : r0 + step], block, scale_fmt)
+        p = prev[r0 // b0 : -(-min(rows, r0 + step) // b0)] if prev is not None else None
+        q, sc = weight_quant_ref(x[r0 : r0 + step], block, scale_fmt, p)
         qs.append(q)
         ss.append(sc)
     if len(qs) == 1:

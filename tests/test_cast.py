@@ -558,3 +558,97 @@ def test_single_file_checkpoint(tmp_path: Path) -> None:
             want = plain_dequant(v, ins[N.scale_name(name)][1], cfg.block_size)
             assert torch.equal(outs[name][1].view(torch.int16), want.view(torch.int16)), name
     open_checkpoint(tmp_path / "out", strict=True)
+
+
+# ---------------------------------------------------------------------- exact round trips (the original kept)
+DATA = lambda folder: sorted(p.name for p in folder.glob("*.safetensors"))  # noqa: E731
+
+
+@pytest.mark.parametrize("fmt", [None, "v3.1"])
+def test_round_trip_gives_back_the_original_bytes(fmt: str | None, tmp_path: Path) -> None:
+    """fp8 -> bf16 -> fp8 with nothing changed in between: every data file comes back byte for byte (weights,
+    scales, a scale stored in another file than its weight, the headers), for f32 scales and for V3.1's (powers of
+    two except o_proj's)."""
+    from dsv3_tools.synth import synth
+
+    src, bf16, again = tmp_path / "fp8", tmp_path / "bf16", tmp_path / "again"
+    synth(src, "tiny", dtype="fp8", seed=7, shards=4, scale_fmt=fmt)
+    C.cast_fp8_to_bf16(src, bf16, device="cpu")
+    assert (bf16 / "dsv3-fp8-origin.st").is_file()
+    assert "dsv3-fp8-origin.st" not in json.loads((bf16 / INDEX_NAME).read_text())["weight_map"].values()
+    C.cast_bf16_to_fp8(bf16, again)
+    assert DATA(again) == DATA(src) and not (again / "dsv3-fp8-origin.st").exists()
+    for f in DATA(src):
+        assert (again / f).read_bytes() == (src / f).read_bytes(), f
+    assert json.loads((again / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert json.loads((again / INDEX_NAME).read_text()) == json.loads((src / INDEX_NAME).read_text())
+
+
+def test_round_trip_keeps_each_tensors_scale_kind_without_the_origin(tmp_path: Path) -> None:
+    """With the original scales gone (the origin file deleted), fresh scales follow each tensor's original kind,
+    which the manifest records per tensor: V3.1's o_proj keeps non-power-of-two scales, every other weight
+    power-of-two ones; BF16 values of the others come back exactly, o_proj's within quantization error."""
+    from dsv3_tools.synth import synth
+
+    src, b1, f2, b2 = tmp_path / "fp8", tmp_path / "b1", tmp_path / "f2", tmp_path / "b2"
+    synth(src, "tiny", dtype="fp8", seed=5, shards=2, scale_fmt="v3.1")
+    C.cast_fp8_to_bf16(src, b1, device="cpu")
+    kinds = json.loads((b1 / MANIFEST_NAME).read_text())["extra"]["scale_kinds"]
+    o_proj = sorted(n for n, _ in tensors_of(src).items() if n.endswith("self_attn.o_proj.weight"))
+    assert kinds == {"default": "ue8m0", "other": o_proj}
+    (b1 / "dsv3-fp8-origin.st").unlink()
+    C.cast_bf16_to_fp8(b1, f2)
+    for name, (_, s) in tensors_of(f2).items():
+        if name.endswith("_scale_inv"):
+            pow2 = bool((torch.frexp(s)[0] == 0.5).all())
+            assert pow2 != name.startswith(tuple(o_proj)), f"{name}: powers of two: {pow2}"
+    C.cast_fp8_to_bf16(f2, b2, device="cpu")
+    first, second = tensors_of(b1), tensors_of(b2)
+    for name, (_, v) in first.items():
+        if name in o_proj:
+            err = ((second[name][1].float() - v.float()).abs().max() / v.float().abs().max()).item()
+            assert err < 2**-4, f"{name}: {err}"
+        else:
+            assert same_bytes(second[name][1], v), f"{name}: {first_diff(second[name][1], v)}"
+
+
+def test_changed_blocks_get_fresh_scales_unchanged_ones_stay(tiny_fp8: Path, bf16_out: Path, tmp_path: Path) -> None:
+    """Fine-tune one block of one weight: that block is re-quantized (a fresh scale, as weight_quant_ref gives it);
+    every other block of that weight, and every other tensor, is the original's bytes."""
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    bf16 = tmp_path / "tuned"
+    shutil.copytree(bf16_out, bf16)
+    name = "model.layers.1.self_attn.o_proj.weight"  # 320 x 512: a 3 x 4 grid of 128-blocks
+    f = bf16 / json.loads((bf16 / INDEX_NAME).read_text())["weight_map"][name]
+    t = load_file(f)
+    t[name][128:256, 256:384] = (t[name][128:256, 256:384].float() * 1.5 + 1e-3).to(torch.bfloat16)
+    save_file(t, f, metadata={"format": "pt"})
+    again = tmp_path / "again"
+    C.cast_bf16_to_fp8(bf16, again)
+    orig, got = tensors_of(tiny_fp8), tensors_of(again)
+    sname = name + "_scale_inv"
+    for n, (_, v) in orig.items():
+        if n not in (name, sname):
+            assert same_bytes(got[n][1], v), n
+    q, s = got[name][1], got[sname][1]
+    q0, s0 = orig[name][1], orig[sname][1]
+    changed = torch.zeros_like(s0, dtype=torch.bool)
+    changed[1, 2] = True
+    assert torch.equal(s[~changed], s0[~changed]) and s[1, 2] != s0[1, 2]
+    fresh_q, fresh_s = weight_quant_ref(t[name][128:256, 256:384], (128, 128))
+    assert s[1, 2] == fresh_s[0, 0] and same_bytes(q[128:256, 256:384], fresh_q)
+    keep = torch.ones_like(q0, dtype=torch.bool)
+    keep[128:256, 256:384] = False
+    assert torch.equal(q.view(torch.uint8)[keep], q0.view(torch.uint8)[keep])
+
+
+def test_round_trip_verifies_exact(tiny_fp8: Path, bf16_out: Path, tmp_path: Path) -> None:
+    """The README's promise, as verify sees it: the FP8 checkpoint made back from the BF16 cast is rated exact."""
+    from dsv3_tools.verify import verify_checkpoint
+
+    ref = tmp_path / "ref.safetensors"
+    verify_checkpoint(tiny_fp8, save_reference=ref)
+    C.cast_bf16_to_fp8(bf16_out, tmp_path / "again")
+    r = verify_checkpoint(tmp_path / "again", reference=ref)
+    assert r.verdict == "pass" and r.tier == "exact" and r.overall.identical, (r.tier, r.tier_reasons, r.failures)

@@ -316,3 +316,33 @@ def test_dependent_launch_waits_before_any_global_access() -> None:
         assert r["wait"] == 1, f"{variant}: {r['wait']} griddepcontrol.wait instructions"
         assert not r["early"], f"{variant}: before griddepcontrol.wait: {r['early']}"
         assert r["later"] > 0, f"{variant}: no global access found at all (the pattern is stale)"
+
+
+@pytest.mark.parametrize("scale_kind", ["f32", "pow2", "v3.1"])
+def test_requantizing_with_the_original_scales_gives_the_original_bytes(scale_kind: str) -> None:
+    """Every E4M3 byte (NaN excepted: no quantizer makes one), dequantized with any scale, re-quantized with that scale
+    as ``prev``: the same bytes and the same scale come back (ragged edges, subnormals, +-0 and +-448 included);
+    a tile whose values are changed gets weight_quant_ref's fresh scale instead."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 300, 420  # 3 x 4 blocks, ragged on both edges
+    raw = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
+    raw[(raw & 0x7F) == 0x7F] = 0x00
+    raw[0, :256] = torch.arange(256, dtype=torch.uint8)
+    raw[0, 127], raw[0, 255] = 0x7E, 0xFE  # +-448 in place of the NaNs
+    q0 = raw.view(torch.float8_e4m3fn)
+    s0 = torch.exp2(torch.randint(-20, 5, (3, 4), generator=g).float())
+    if scale_kind == "f32":
+        s0 = s0 * (1 + torch.rand((3, 4), generator=g))
+    elif scale_kind == "v3.1":
+        s0 = s0 * 1.3228756555322954
+    x = weight_dequant_ref(q0, s0, (128, 128))
+    q, s = weight_quant_ref(x, (128, 128), "ue8m0" if scale_kind == "pow2" else None, prev=s0)
+    assert torch.equal(s, s0)
+    diff = (q.view(torch.uint8) != raw).nonzero()
+    assert not len(diff), f"{len(diff)} bytes differ, first at {diff[0].tolist()}"
+    x2 = x.clone()
+    x2[200:250, 0:10] *= 3  # tile (1, 0) changed
+    q2, s2 = weight_quant_ref(x2, (128, 128), None, prev=s0)
+    fresh_q, fresh_s = weight_quant_ref(x2, (128, 128), None)
+    assert s2[1, 0] == fresh_s[1, 0] and torch.equal(s2[0], s0[0]) and torch.equal(s2[2], s0[2])
+    assert torch.equal(q2.view(torch.uint8)[128:256, :128], fresh_q.view(torch.uint8)[128:256, :128])

@@ -12,10 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import torch
-
-from dsv3_tools.kernels.fp4 import FINITE_FP4_SCALE, e8m0_to_f32, fp4_overflows
-
 from ..errors import (
     CheckpointError,
     MissingScaleError,
@@ -153,6 +149,8 @@ def check_values(ck: Checkpoint, ranks: set[int] | None = None) -> list[dict]:
     finite, ``tid2eid`` ids outside the experts. Reads the scales (about 1/16 of the FP4 experts' bytes)."""
     cfg = ck.config
     out: list[dict] = []
+    if not any(V.is_scale(n) or n.endswith(".gate.tid2eid") for n in ck.tensors):
+        return out
 
     def problem(kind: str, message: str, info: TensorInfo) -> None:
         out.append({"kind": kind, "file": info.file, "tensor": info.name, "message": message})
@@ -187,6 +185,10 @@ def _piece(ck: Checkpoint, name: str, scale: TensorInfo) -> TensorInfo | None:
 
 def _scale_problem(ck: Checkpoint, info: TensorInfo, weight: TensorInfo | None) -> str | None:
     """What is wrong with the values of one scale tensor, or None."""
+    import torch
+
+    from dsv3_tools.kernels.fp4 import FINITE_FP4_SCALE, e8m0_to_f32, fp4_overflows
+
     s = ck.read_info(info)
     if info.dtype == "F32":
         bad = ~(torch.isfinite(s) & (s > 0))

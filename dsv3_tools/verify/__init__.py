@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..disk import check_destination
 from ..errors import CheckpointError, Dsv3Error, ShardingError
 from ..family import is_v4
 from ..layout import MANIFEST_NAME
@@ -134,6 +135,8 @@ def verify_checkpoint(
         raise Dsv3Error(f"--gemm must be bf16 or fp8 and --engine torch or triton (got {gemm!r}, {engine!r})")
     if topk is not None and topk < 1:
         raise Dsv3Error("--topk must be >= 1")
+    if save_reference is not None:  # before any weight is read
+        check_destination(save_reference, folder=False)
     rank, world = dist_info()
     ck, cfg_problems = open_lenient(ckpt)
     rep = VerifyReport(str(ckpt), ck.layout, ck.world)
