@@ -47,7 +47,6 @@ def plan_v4_cast(
     fmt = resolve_format(cfg, ck.tensors)
     if direction == FP4_FP8 and fmt.experts != "fp4":
         raise ConfigError(f"{src}: the routed experts are {fmt.experts.upper()}, not FP4: nothing to convert")
-    _check_values(ck, fp4_fp8=direction == FP4_FP8)
     files, dropped = _plan_files(ck, direction, mtp)
     converted = sorted(op.info.name for f in files for op in f.ops if op.kind != "copy")
     raw = json.loads((src / "config.json").read_text())
@@ -67,9 +66,11 @@ def plan_v4_cast(
         "expert_dtype": raw.get("expert_dtype"),
     }
     job = {"stage": "cast", "direction": direction, "mtp": mtp}
-    return finish_plan(
+    plan = finish_plan(
         ck, Path(dst), direction, files, dropped, job, extra, "cpu", workers, mtp, (128, 128), None, out_cfg
     )
+    _check_values(ck, fp4_fp8=direction == FP4_FP8)  # after the destination's checks: this reads every scale
+    return plan
 
 
 def _check_values(ck: Checkpoint, *, fp4_fp8: bool) -> None:
