@@ -55,8 +55,9 @@ def derive_config(
     layers: int | None = None,
     experts: int | None = None,
     mtp: int | None = None,
+    dense_layers: int | None = None,
 ) -> ModelConfig:
-    """The geometry synth writes: ``cfg`` at the requested dtype, depth and expert count."""
+    """The geometry synth writes: ``cfg`` at the requested dtype, depth, number of dense layers and expert count."""
     if scale_fmt not in SCALE_FMTS:
         raise ConfigError(f"--scale-fmt must be ue8m0 or v3.1, got {scale_fmt!r}")
     if scale_fmt == "v3.1":
@@ -67,6 +68,10 @@ def derive_config(
         cfg = cfg.with_layers(layers, mtp)
     elif mtp is not None:
         cfg = replace(cfg, num_nextn_predict_layers=mtp)
+    if dense_layers is not None:
+        if not 0 <= dense_layers <= cfg.num_hidden_layers:
+            raise ConfigError(f"--dense-layers must be between 0 and the {cfg.num_hidden_layers} layers")
+        cfg = replace(cfg, first_k_dense_replace=dense_layers)
     if experts is not None:
         if experts < 1:
             raise ConfigError("--experts must be >= 1")
@@ -182,10 +187,13 @@ def plan_synth(
     experts: int | None = None,
     mtp: int | None = None,
     scale_fmt: str | None = None,
+    dense_layers: int | None = None,
 ) -> SynthPlan:
     """Plan a synthetic checkpoint of ``config`` in the new folder ``out`` (checked, nothing written)."""
     base = config if isinstance(config, ModelConfig) else ModelConfig.load(config)
-    cfg = derive_config(base, dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp)
+    cfg = derive_config(
+        base, dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp, dense_layers=dense_layers
+    )
     if shards < 1:
         raise ConfigError("--shards must be >= 1")
     out = Path(out)
@@ -207,12 +215,14 @@ def synth(
     experts: int | None = None,
     mtp: int | None = None,
     scale_fmt: str | None = None,
+    dense_layers: int | None = None,
     progress: Progress | None = None,
 ) -> SynthReport:
     """Write a synthetic checkpoint of ``config`` into the new folder ``out``."""
     plan = plan_synth(
-        out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp, scale_fmt=scale_fmt
-    )
+        out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp,
+        scale_fmt=scale_fmt, dense_layers=dense_layers,
+    )  # fmt: skip
     return run_synth(plan, progress)
 
 
