@@ -23,7 +23,6 @@ from .batch import SAMPLING_FIELDS, Entry, Request, Result, entries_from_prompts
 from .chat import Tokenizer
 from .plan import GeneratePlan, PlanError, check_plan, make_plan
 from .sampling import SamplingParams
-from .session import ChatIO, chat
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -206,10 +205,8 @@ def _checked_plan(cfg, opts: Options, device: str, dtype, world: int, batch: int
 def run_generate(opts: Options, ui: UI) -> int:
     """Run ``generate``; returns the exit code (bad input raises ``Dsv3Error``)."""
     from ..checkpoint import open_checkpoint
-    from ..model import load_model
     from ..runtime import init_distributed, resolve_device, resolve_dtype, resolve_engine
     from .batch import batches
-    from .engine import Engine
 
     if opts.prompts and opts.input_file is not None:
         raise Dsv3Error("--prompt and --input-file are exclusive")
@@ -219,14 +216,17 @@ def run_generate(opts: Options, ui: UI) -> int:
         raise Dsv3Error(f"--max-batch-size must be >= 1, got {opts.max_batch_size}")
     if opts.gemm not in ("bf16", "fp8"):
         raise Dsv3Error(f"--gemm must be bf16 or fp8, got {opts.gemm!r}")
+    ck = open_checkpoint(opts.ckpt)  # a bad path answers before torch is imported
     import torch
+
+    from ..model import load_model
+    from .engine import Engine
 
     device = resolve_device(opts.device)
     engine_name = resolve_engine(opts.engine, device)
     dtype = getattr(torch, resolve_dtype(opts.dtype, device))
     rank, world = init_distributed(device)
     lead = rank == 0
-    ck = open_checkpoint(opts.ckpt)
     cfg = ck.config
     if cfg is None:
         raise ConfigError(f"{opts.ckpt}: no model config (config.json)")
@@ -262,6 +262,8 @@ def run_generate(opts: Options, ui: UI) -> int:
     if opts.interactive:
         params, max_new = defaults(tok, opts)
         seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
+        from .session import ChatIO, chat
+
         io = ChatIO(ui.read, ui.write, ui.info)
         chat(engine, tok, io, params=params, max_new_tokens=max_new, stop=tuple(opts.stop), seed=seed,
              system=opts.system, raw=opts.raw)  # fmt: skip
