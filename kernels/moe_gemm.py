@@ -100,7 +100,9 @@ def route(expert: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Ten
     """(pair indices sorted by expert, each expert's first position there, pairs per expert), on the device."""
     flat = expert.reshape(-1).to(torch.int64)
     order = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=n_experts).to(torch.int32)
+    # (not bincount: on CUDA it reads the largest index back to the host, which a CUDA graph cannot hold)
+    counts = torch.zeros(n_experts, dtype=torch.int32, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     start = (torch.cumsum(counts, 0) - counts).to(torch.int32)
     return order, start, counts
 
