@@ -186,7 +186,7 @@ class Checkpoint:
 # ---------------------------------------------------------------------- opening
 def _safe_rel(path: Path, rel: str) -> str:
     """Reject index entries that would escape the folder."""
-    if not isinstance(rel, str) or not rel:
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
         raise UnsafePathError(f"index names an invalid file {rel!r}")
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or rel.startswith(("/", "\\")):
@@ -262,13 +262,18 @@ def _open_files(path: Path, layout: str, files: list[str], problem) -> Checkpoin
 def _open_hf_sharded(path: Path, problem) -> Checkpoint:
     try:
         index = json.loads((path / INDEX_NAME).read_text())
-        wmap = index["weight_map"]
-        assert isinstance(wmap, dict)
-    except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError) as e:
-        raise LayoutError(f"{INDEX_NAME} is not a valid index ({e.__class__.__name__})", file=INDEX_NAME) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LayoutError(f"{INDEX_NAME} is not valid JSON ({e.__class__.__name__})", file=INDEX_NAME) from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict):
+        raise LayoutError("not a valid index: no weight_map object", file=INDEX_NAME)
     files: list[str] = []
     bad: set[str] = set()
-    for name, rel in wmap.items():
+    for name, rel in list(wmap.items()):
+        if not isinstance(rel, str):
+            problem(UnsafePathError(f"index names the file {rel!r}, not a file name", tensor=name))
+            del wmap[name]
+            continue
         if rel in files or rel in bad:
             continue
         try:
@@ -299,7 +304,7 @@ def _open_hf_sharded(path: Path, problem) -> Checkpoint:
             problem(IndexMismatchError("stored but missing from the index", file=info.file, tensor=name))
     total = index.get("metadata", {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
     tensor_bytes = sum(i.nbytes for i in ck.tensors.values())
-    if total is not None and total != tensor_bytes and not bad:
+    if total is not None and total != tensor_bytes and not bad and wmap:
         # Some tools write file sizes there, hand-edited repos forget it: no tensor changes, so not a reason to refuse.
         ck.warnings.append(
             f"{INDEX_NAME}: metadata.total_size is {total}, the tensors hold {tensor_bytes} bytes "

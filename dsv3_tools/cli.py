@@ -76,6 +76,9 @@ def synth(
     ] = 4,
     layers: Annotated[int | None, typer.Option(help="Reduce depth to this many main layers.")] = None,
     experts: Annotated[int | None, typer.Option(help="Reduce the routed experts to this many.")] = None,
+    dense_layers: Annotated[
+        int | None, typer.Option(help="Make the first N layers dense, the rest MoE (default: the config's).")
+    ] = None,
     mtp: MtpOpt = Mtp.keep,
     scale_fmt: Annotated[
         str | None,
@@ -100,6 +103,7 @@ def synth(
         experts=experts,
         mtp=None if mtp == Mtp.keep else 0,
         scale_fmt=scale_fmt,
+        dense_layers=dense_layers,
     )
     with report.byte_progress(plan.bytes, "synth", enabled=not json_) as advance:
         r = run_synth(plan, progress=advance)

@@ -327,6 +327,11 @@ def _parse_rope(d: dict) -> tuple[RopeScaling | None, float]:
     theta = d.get("rope_theta")
     rs_old = d.get("rope_scaling")
     rs_new = d.get("rope_parameters")
+    for key, v in (("rope_scaling", rs_old), ("rope_parameters", rs_new)):
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{key} must be an object, got {v!r}")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))):
+        raise ConfigError(f"rope_theta must be a number, got {theta!r}")
     src = None
     if rs_old and rs_new:
         # transformers 5 keeps both; they must agree.
@@ -416,8 +421,15 @@ def _parse_quant(q: Any) -> QuantConfig | None:
 
 
 def _parse(d: dict[str, Any]) -> ModelConfig:
+    try:
+        return _parse_fields(d)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # a field of the wrong JSON type
+        raise ConfigError(f"a field has the wrong type or value ({type(e).__name__}: {e})") from None
+
+
+def _parse_fields(d: dict[str, Any]) -> ModelConfig:
     mt = d.get("model_type")
-    if mt not in FAMILY_TYPES:
+    if not isinstance(mt, str) or mt not in FAMILY_TYPES:
         raise ConfigError(f"model_type {mt!r} is not a DeepSeek-V3-family type ({', '.join(sorted(FAMILY_TYPES))})")
     missing = [k for k in _REQUIRED if k not in d]
     if missing:

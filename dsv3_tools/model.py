@@ -121,6 +121,9 @@ class Env:
     group: Group
     block: tuple[int, int]
     scale_fmt: str | None
+    # Decode steps run the chosen routed experts through the grouped kernel (kernels/moe_gemm.py): Triton engine,
+    # dense (BF16) expert weights.
+    grouped_moe: bool = False
     # Streaming reads ahead: host copies of the next layer's tensors, read by one background thread.
     prefetched: dict[str, Future] = field(default_factory=dict, repr=False)
     reader: ThreadPoolExecutor | None = field(default=None, repr=False)
@@ -291,6 +294,7 @@ class Layer:
         cfg, p = env.cfg, f"model.layers.{L}."
         self.env, self.L = env, L
         self.absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # kv_b's key and value parts (decode)
+        self.grouped: tuple[torch.Tensor, torch.Tensor] | None = None  # routed experts stacked for moe_gemm (decode)
         self.attn_norm = env.norm(p + "input_layernorm.weight")
         self.ffn_norm = env.norm(p + "post_attention_layernorm.weight")
         if cfg.has_q_lora:
@@ -383,6 +387,20 @@ class Layer:
         w = self.wkv_b.w if self.wkv_b.s is None else env.ops.weight_dequant(self.wkv_b.w, self.wkv_b.s, env.block)
         w = w.to(env.dtype).view(cfg.num_attention_heads // env.group.world, -1, cfg.kv_lora_rank)
         self.absorbed = (w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :])
+        if self.moe and env.grouped_moe and self.experts:
+            self._stack_experts()
+
+    def _stack_experts(self) -> None:
+        """The local experts' dense weights as two stacks, ``[E, 2I, H]`` (gate and up) and ``[E, H, I]`` (down),
+        for ``moe_gemm``; each expert's ``Linear`` then holds views of them (no second copy)."""
+        mlps = list(self.experts.values())
+        w13 = torch.stack([torch.cat([g.w, u.w]) for g, u, _ in mlps])
+        for (g, u, _), stacked in zip(mlps, w13):
+            g.w, u.w = stacked[: g.w.shape[0]], stacked[g.w.shape[0] :]
+        w2 = torch.stack([d.w for _, _, d in mlps])
+        for (_, _, d), stacked in zip(mlps, w2):
+            d.w = stacked
+        self.grouped = (w13, w2)
 
     def decode(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """One new token per sequence: ``x`` [B, H] at ``step.positions``; writes this token's cache row."""
@@ -413,6 +431,24 @@ class Layer:
         o = torch.einsum("bhc,hdc->bhd", o, w_v)
         return env.group.all_reduce(self.wo(o.reshape(B, -1)))
 
+    def _grouped_experts(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The chosen experts of every row through ``moe_gemm``: one launch for gate and up, one for down."""
+        from .kernels.moe_gemm import moe_gemm
+
+        env = self.env
+        B, k = idx.shape
+        first = min(self.experts)
+        local = idx - first
+        mine = (local >= 0) & (local < len(self.experts))  # under tensor parallelism, other ranks' experts give 0
+        pairs = torch.where(mine, local, torch.zeros_like(local)).reshape(-1)
+        xs = x.repeat_interleave(k, dim=0)
+        w13, w2 = self.grouped
+        gu = moe_gemm(xs, w13, None, pairs, env.block, max_per_expert=B)
+        g, u = gu.split(w13.shape[1] // 2, dim=-1)
+        out = moe_gemm(F.silu(g) * u, w2, None, pairs, env.block, max_per_expert=B).view(B, k, -1)
+        weight = torch.where(mine, w, torch.zeros_like(w)).to(x.dtype)
+        return (out * weight[..., None]).sum(1)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert indices, weights) [n, top_k], in f32."""
         cfg = self.env.cfg
@@ -438,11 +474,14 @@ class Layer:
 
     def moe_ffn(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
         """Routed experts (only those chosen, reading which ones from the device), plus the shared experts. With
-        ``static`` every local expert runs on every row with a zero weight where it was not chosen: the same sum
-        with no host synchronization and fixed shapes, as a CUDA graph needs."""
+        ``static`` (fixed shapes, no host synchronization, as a CUDA graph needs): the grouped kernel when the
+        experts are stacked (each chosen expert's weights read once), else every local expert on every row with a
+        zero weight where it was not chosen."""
         idx, w = self.route(x)
         y = torch.zeros_like(x)
-        if static:
+        if static and self.grouped is not None:
+            y = self._grouped_experts(x, idx, w)
+        elif static:
             dense = torch.zeros(x.shape[0], self.env.cfg.n_routed_experts, dtype=w.dtype, device=x.device)
             dense.scatter_(1, idx, w)
             for e, mlp in self.experts.items():
@@ -471,7 +510,13 @@ def _mlp(m: tuple[Linear, Linear, Linear], x: torch.Tensor) -> torch.Tensor:
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """[T, h, d] each; softmax in f32."""
+    """[T, h, d] each; softmax in f32 (on CUDA: the fused scaled-dot-product attention, which never holds the
+    [h, T, T] scores in memory)."""
+    if q.is_cuda:
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
+        )
+        return o.transpose(0, 1)
     T = q.shape[0]
     s = torch.einsum("thd,shd->hts", q, k).float() * scale
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
@@ -661,6 +706,7 @@ def load_model(
     if engine == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ConfigError("engine 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use engine 'torch' on CPU")
     env = Env(ck, cfg, dev, dtype, gemm, Ops(engine), group, cfg.block_size, cfg.quant.scale_fmt if cfg.quant else None)
+    env.grouped_moe = engine == "triton" and gemm == "bf16"
     return Model(env, resident=not stream)
 
 

@@ -57,8 +57,9 @@ def derive_config(
     layers: int | None = None,
     experts: int | None = None,
     mtp: int | None = None,
+    dense_layers: int | None = None,
 ) -> ModelConfig:
-    """The geometry synth writes: ``cfg`` at the requested dtype, depth and expert count."""
+    """The geometry synth writes: ``cfg`` at the requested dtype, depth, number of dense layers and expert count."""
     if scale_fmt not in SCALE_FMTS:
         raise ConfigError(f"--scale-fmt must be ue8m0 or v3.1, got {scale_fmt!r}")
     if scale_fmt == "v3.1":
@@ -69,6 +70,10 @@ def derive_config(
         cfg = cfg.with_layers(layers, mtp)
     elif mtp is not None:
         cfg = replace(cfg, num_nextn_predict_layers=mtp)
+    if dense_layers is not None:
+        if not 0 <= dense_layers <= cfg.num_hidden_layers:
+            raise ConfigError(f"--dense-layers must be between 0 and the {cfg.num_hidden_layers} layers")
+        cfg = replace(cfg, first_k_dense_replace=dense_layers)
     if experts is not None:
         if experts < 1:
             raise ConfigError("--experts must be >= 1")
@@ -184,6 +189,7 @@ def plan_synth(
     experts: int | None = None,
     mtp: int | None = None,
     scale_fmt: str | None = None,
+    dense_layers: int | None = None,
 ) -> SynthPlan:
     """Plan a synthetic checkpoint of ``config`` in the new folder ``out`` (checked, nothing written).
 
@@ -201,12 +207,14 @@ def plan_synth(
     if is_v4(base):
         from .v4 import synth as v4_synth
 
-        if scale_fmt is not None:
-            raise ConfigError("--scale-fmt applies to the V3 family; DeepSeek-V4's scale format follows --dtype")
+        if scale_fmt is not None or dense_layers is not None:
+            raise ConfigError("--scale-fmt and --dense-layers apply to the V3 family, not to DeepSeek-V4")
         cfg, dtype = v4_synth.derive_config(base, dtype=dtype, layers=layers, experts=experts, mtp=mtp)
         return SynthPlan(out, cfg, dtype, seed, v4_synth.plan_files(cfg, v4_synth.FORMATS[dtype]))
     dtype = dtype or "fp8"
-    cfg = derive_config(base, dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp)
+    cfg = derive_config(
+        base, dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp, dense_layers=dense_layers
+    )
     files = _plan_files(list(N.expected_tensors(cfg).values()), shards)
     return SynthPlan(out, cfg, dtype, seed, files, V31_O_PROJ_MANTISSA if scale_fmt == "v3.1" else None)
 
@@ -222,12 +230,14 @@ def synth(
     experts: int | None = None,
     mtp: int | None = None,
     scale_fmt: str | None = None,
+    dense_layers: int | None = None,
     progress: Progress | None = None,
 ) -> SynthReport:
     """Write a synthetic checkpoint of ``config`` into the new folder ``out``."""
     plan = plan_synth(
-        out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp, scale_fmt=scale_fmt
-    )
+        out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp,
+        scale_fmt=scale_fmt, dense_layers=dense_layers,
+    )  # fmt: skip
     return run_synth(plan, progress)
 
 

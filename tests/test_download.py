@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -243,11 +244,12 @@ def _wait_for_partial(proc: subprocess.Popen, folder: Path, at_least: int) -> No
     raise AssertionError(f"no partial file of {at_least} bytes under {folder}")
 
 
-def test_resume_after_sigkill(hub, tmp_path, main_files):
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_resume_after_sigkill(hub, tmp_path, main_files, seed):
     out = tmp_path / "out"
     hub.state.throttle_bps = 1_500_000  # per response: a shard takes about 2 s
     proc = child([REPO, "--local-dir", str(out), "--json"])
-    _wait_for_partial(proc, out, 300_000)
+    _wait_for_partial(proc, out, random.Random(seed).randint(50_000, 2_000_000))  # a seeded point in a shard
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL

@@ -388,3 +388,95 @@ def test_generate_cli_on_gpu(tmp_path, gemm: str) -> None:
     out = [json.loads(x) for x in r.stdout.splitlines()]
     assert [o["index"] for o in out] == [0, 1, 2] and all(o["output_ids"] for o in out)
     assert "cuda" in r.stderr and "bfloat16" in r.stderr
+
+
+# ---------------------------------------------------------------------- fast decoding (generate, fast)
+def test_moe_gemm_on_the_gpu() -> None:
+    """The grouped expert kernel against its reference: BF16 rows, BF16 and FP8 (block-scaled) expert stacks,
+    experts chosen by several tokens and by none, ragged N."""
+    from dsv3_tools.kernels.moe_gemm import moe_gemm, moe_gemm_ref
+    from dsv3_tools.kernels.weight_quant import weight_quant_ref
+
+    g = torch.Generator().manual_seed(11)
+    E, N, K, T, k = 16, 2000, 1024, 32, 8
+    w32 = torch.randn(E, N, K, generator=g) / K**0.5
+    quant = [weight_quant_ref(w32[e], (128, 128)) for e in range(E)]
+    wq, s = torch.stack([q for q, _ in quant]).cuda(), torch.stack([sc for _, sc in quant]).cuda()
+    x = torch.randn(T, K, generator=g).to(torch.bfloat16).cuda()
+    idx = torch.stack([torch.randperm(E - 2, generator=g)[:k] for _ in range(T)]).cuda()
+    rows, experts = x.repeat_interleave(k, 0), idx.reshape(-1)
+    for w, sc in ((w32.to(torch.bfloat16).cuda(), None), (wq, s)):
+        want = moe_gemm_ref(rows, w, sc, experts).float()
+        got = moe_gemm(rows, w, sc, experts, max_per_expert=T).float()
+        rel = float((got - want).norm() / want.norm())
+        assert rel < 5e-3, (w.dtype, rel)  # bf16 outputs, f32 accumulation in another order
+
+
+def _tiny_gpu_model(tmp_path, gemm: str = "bf16"):
+    from dsv3_tools.checkpoint import open_checkpoint
+    from dsv3_tools.model import load_model
+    from dsv3_tools.synth import synth
+
+    if not (tmp_path / "ck").exists():
+        synth(tmp_path / "ck", "tiny", dtype="fp8", seed=0, shards=2)
+    return load_model(open_checkpoint(tmp_path / "ck"), device="cuda", engine="triton", gemm=gemm, stream=False,
+                      dtype=torch.bfloat16)  # fmt: skip
+
+
+def test_graph_step_is_bit_identical_to_the_eager_step(tmp_path) -> None:
+    """The CUDA graph of the decode step replays exactly the eager step's arithmetic: bit-identical logits."""
+    from dsv3_tools.generate.graphs import GraphDecoder
+
+    model = _tiny_gpu_model(tmp_path)
+    prompts = [[5, 9, 200, 17, 3], list(range(60, 83))]
+    tokens, positions = torch.tensor([7, 8], device="cuda"), torch.tensor([5, 23], device="cuda")
+    eager_cache, graph_cache = model.new_cache(2, 64), model.new_cache(2, 64)
+    graphs = GraphDecoder(model, graph_cache)
+    graphs.ensure(2)  # (the capture writes rows at position 0: before the prefill, as the engine does)
+    model.prefill(prompts, eager_cache)
+    model.prefill(prompts, graph_cache)
+    eager = model.decode(tokens, positions, eager_cache, kv_len=64, static=True)
+    replay = graphs(tokens, positions)
+    assert torch.equal(eager.view(torch.int32), replay.view(torch.int32))
+    assert torch.equal(eager_cache.data, graph_cache.data)
+
+
+def test_decode_step_never_synchronizes_with_the_host(tmp_path) -> None:
+    """torch's sync debug mode raises on any operation that waits for the device from the host."""
+    model = _tiny_gpu_model(tmp_path)
+    cache = model.new_cache(4, 64)
+    model.prefill([[5, 9, 200], [1, 2], [3], [4, 5, 6, 7]], cache)
+    tokens, positions = torch.tensor([7, 8, 9, 10], device="cuda"), torch.tensor([3, 2, 1, 4], device="cuda")
+    model.decode(tokens, positions, cache, kv_len=64, static=True)  # warm-up: kernels compiled, caches made
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model.decode(tokens, positions, cache, kv_len=64, static=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert model.layers[-1].grouped is not None  # the grouped expert kernel was the path taken
+
+
+def test_fp8_gemm_decode_agrees_with_bf16_within_the_quantized_tier(tmp_path) -> None:
+    """The FP8 GEMM path (act_quant + fp8_gemm, the demo's arithmetic) and the BF16 path, teacher-forced on the
+    same tokens: step logits within verify's quantized tier."""
+    from dsv3_tools.verify.metrics import TIERS, compare_logits, summarize
+    from dsv3_tools.verify.reference import Logits
+
+    prompts = [[5, 9, 200, 17, 3], list(range(60, 83))]
+    follow = [[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 25, 26]]
+    out = {}
+    for gemm in ("bf16", "fp8"):
+        model = _tiny_gpu_model(tmp_path, gemm)
+        cache = model.new_cache(2, 64)
+        model.prefill(prompts, cache)
+        steps = []
+        for i in range(len(follow[0])):
+            tok = torch.tensor([f[i] for f in follow], device="cuda")
+            pos = torch.tensor([len(p) + i for p in prompts], device="cuda")
+            steps.append(model.decode(tok, pos, cache, kv_len=64, static=True).float().cpu())
+        out[gemm] = torch.stack(steps, 1)  # [B, steps, V]
+        del model
+    metrics = [compare_logits(Logits.from_full(out["bf16"][b]), out["fp8"][b]) for b in range(2)]
+    stats = summarize(metrics)
+    assert not stats.failures(TIERS["quantized"]), stats

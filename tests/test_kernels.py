@@ -346,3 +346,46 @@ def test_requantizing_with_the_original_scales_gives_the_original_bytes(scale_ki
     fresh_q, fresh_s = weight_quant_ref(x2, (128, 128), None)
     assert s2[1, 0] == fresh_s[1, 0] and torch.equal(s2[0], s0[0]) and torch.equal(s2[2], s0[2])
     assert torch.equal(q2.view(torch.uint8)[128:256, :128], fresh_q.view(torch.uint8)[128:256, :128])
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter check; tests/test_gpu.py runs it on CUDA")
+def test_moe_gemm_matches_the_reference_under_the_interpreter() -> None:
+    """Each (token, expert) pair's row times its expert's weight, routing on the device: ragged N and K, experts
+    chosen by several tokens, experts chosen by none; BF16 weights (f32 rows: exact to f32 rounding) and FP8 weights
+    with block scales (the interpreter truncates f32 -> bf16 in the in-tile dequantization: loose)."""
+    from dsv3_tools.kernels.moe_gemm import moe_gemm, moe_gemm_ref
+
+    g = torch.Generator().manual_seed(4)
+    E, N, K, T, k = 6, 200, 320, 5, 3
+    w32 = torch.randn(E, N, K, generator=g) / K**0.5
+    quant = [weight_quant_ref(w32[e], (128, 128)) for e in range(E)]
+    wq, s = torch.stack([q for q, _ in quant]), torch.stack([sc for _, sc in quant])
+    x = torch.randn(T, K, generator=g)
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])  # expert E-1: chosen by none
+    rows, experts = x.repeat_interleave(k, 0), idx.reshape(-1)
+    for w, sc, tol in ((w32.to(torch.bfloat16), None, 1e-6), (wq, s, 2e-2)):
+        want = moe_gemm_ref(rows, w, sc, experts)
+        got = moe_gemm(rows, w, sc, experts, max_per_expert=T)
+        rel = (got - want).norm() / want.norm()
+        assert rel < tol, (w.dtype, float(rel))
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter check")
+def test_grouped_experts_decode_the_same_as_every_expert(tiny_fp8) -> None:
+    """The decode step's MoE through moe_gemm (stacked experts, chosen ones read once) equals running every local
+    expert with zero weights where not chosen; the stacks are the experts' only copy."""
+    from dsv3_tools.checkpoint import open_checkpoint
+    from dsv3_tools.model import load_model
+
+    model = load_model(open_checkpoint(tiny_fp8), engine="torch", stream=False, dtype=torch.float32)
+    model.env.grouped_moe = True
+    model.new_cache(2, 16)  # prepares the decode weights: stacks the experts
+    layer = next(lay for lay in model.layers if lay.moe)
+    w13, w2 = layer.grouped
+    gate0 = next(iter(layer.experts.values()))[0]
+    assert gate0.w.data_ptr() == w13[0].data_ptr()  # a view of the stack, not a copy
+    x = torch.randn(3, model.env.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    grouped = layer.moe_ffn(x, static=True)
+    layer.grouped = None
+    every = layer.moe_ffn(x, static=True)
+    assert float((grouped - every).norm() / every.norm()) < 1e-5

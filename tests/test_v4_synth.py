@@ -127,5 +127,7 @@ def test_bad_options(tmp_path: Path) -> None:
         plan_synth(tmp_path / "x", "tiny-v4", dtype="fp16")
     with pytest.raises(ConfigError, match="scale-fmt"):
         plan_synth(tmp_path / "x", "tiny-v4", scale_fmt="ue8m0")
+    with pytest.raises(ConfigError, match="dense-layers"):
+        plan_synth(tmp_path / "x", "tiny-v4", dense_layers=1)
     with pytest.raises(ConfigError, match="exceeds"):
         plan_synth(tmp_path / "x", "tiny-v4", layers=9)

@@ -23,7 +23,6 @@ from .batch import SAMPLING_FIELDS, Entry, Request, Result, entries_from_prompts
 from .chat import Tokenizer
 from .plan import GeneratePlan, PlanError, check_plan, make_plan
 from .sampling import SamplingParams
-from .session import ChatIO, chat
 
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -207,10 +206,8 @@ def run_generate(opts: Options, ui: UI) -> int:
     """Run ``generate``; returns the exit code (bad input raises ``Dsv3Error``)."""
     from ..checkpoint import open_checkpoint
     from ..family import is_v4
-    from ..model import load_model
     from ..runtime import init_distributed, resolve_device, resolve_dtype, resolve_engine
     from .batch import batches
-    from .engine import Engine
 
     if opts.prompts and opts.input_file is not None:
         raise Dsv3Error("--prompt and --input-file are exclusive")
@@ -220,19 +217,22 @@ def run_generate(opts: Options, ui: UI) -> int:
         raise Dsv3Error(f"--max-batch-size must be >= 1, got {opts.max_batch_size}")
     if opts.gemm not in ("bf16", "fp8"):
         raise Dsv3Error(f"--gemm must be bf16 or fp8, got {opts.gemm!r}")
+    ck = open_checkpoint(opts.ckpt)  # a bad path answers before torch is imported
+    if is_v4(ck.config):
+        raise Dsv3Error(f"{opts.ckpt}: generate does not run DeepSeek-V4 yet (its model is not implemented here)")
     import torch
+
+    from ..model import load_model
+    from .engine import Engine
 
     device = resolve_device(opts.device)
     engine_name = resolve_engine(opts.engine, device)
     dtype = getattr(torch, resolve_dtype(opts.dtype, device))
     rank, world = init_distributed(device)
     lead = rank == 0
-    ck = open_checkpoint(opts.ckpt)
     cfg = ck.config
     if cfg is None:
         raise ConfigError(f"{opts.ckpt}: no model config (config.json)")
-    if is_v4(cfg):
-        raise Dsv3Error(f"{opts.ckpt}: generate does not run DeepSeek-V4 yet (its model is not implemented here)")
     if world > 1 and ck.layout == "mp" and ck.world != world:
         raise Dsv3Error(f"torchrun started {world} processes but {opts.ckpt} is MP-{ck.world}: use {ck.world}")
     max_len = max_seq_len(opts, cfg)
@@ -265,6 +265,8 @@ def run_generate(opts: Options, ui: UI) -> int:
     if opts.interactive:
         params, max_new = defaults(tok, opts)
         seed = opts.seed if opts.seed is not None else secrets.randbelow(2**31)
+        from .session import ChatIO, chat
+
         io = ChatIO(ui.read, ui.write, ui.info)
         chat(engine, tok, io, params=params, max_new_tokens=max_new, stop=tuple(opts.stop), seed=seed,
              system=opts.system, raw=opts.raw)  # fmt: skip

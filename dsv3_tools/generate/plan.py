@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .. import names as N
 from ..config import ModelConfig
@@ -62,6 +64,8 @@ class GeneratePlan:
 
 def weights_bytes(cfg: ModelConfig, world: int, dtype: torch.dtype, gemm: str) -> tuple[int, int, int]:
     """This rank's weights as held, the absorbed ``kv_b`` copy, and the largest tensor's element count."""
+    import torch
+
     esize = torch.empty((), dtype=dtype).element_size()
     fp8_held = gemm == "fp8" and cfg.is_fp8
     total = absorbed = largest = 0
@@ -98,6 +102,8 @@ def make_plan(
 ) -> GeneratePlan:
     """Estimate this rank's peak for ``batch`` sequences of up to ``max_len`` tokens (``weights``: the result of
     ``weights_bytes`` for these settings, when already known)."""
+    import torch
+
     esize = torch.empty((), dtype=dtype).element_size()
     weights, absorbed, largest = weights if weights is not None else weights_bytes(cfg, world, dtype, gemm)
     layers = cfg.num_hidden_layers
@@ -117,6 +123,8 @@ def make_plan(
 
 def check_plan(plan: GeneratePlan, cfg: ModelConfig) -> None:
     """Raise ``PlanError`` (one line: the numbers and what to change) when the plan does not fit."""
+    import torch
+
     if plan.fits:
         return
     budget = FRACTION * plan.available_bytes

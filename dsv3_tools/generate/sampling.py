@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import Dsv3Error
 
@@ -55,6 +57,8 @@ class SamplingParams:
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Tokens already in the sequence (``seen``: ids) get their logit divided by ``penalty`` when positive and
     multiplied by it when negative (the CTRL rule transformers uses); a new tensor."""
+    import torch
+
     out = logits.clone()
     if penalty == 1 or seen.numel() == 0:
         return out
@@ -66,6 +70,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def top_k_keep(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Tokens to keep: the ``k`` largest logits and any tied with the k-th (all when ``k`` is 0 or >= vocab)."""
+    import torch
+
     if k <= 0 or k >= logits.shape[-1]:
         return torch.ones_like(logits, dtype=torch.bool)
     return logits >= logits.topk(k).values[-1]
@@ -74,6 +80,8 @@ def top_k_keep(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_keep(probs: torch.Tensor, p: float) -> torch.Tensor:
     """Tokens to keep: the most probable ones, in order, until their total reaches ``p`` (the token that crosses
     ``p`` is kept: a token is dropped when the mass of the tokens before it is already >= ``p``)."""
+    import torch
+
     if p >= 1:
         return torch.ones_like(probs, dtype=torch.bool)
     sp, order = probs.sort(descending=True)
@@ -85,6 +93,8 @@ def top_p_keep(probs: torch.Tensor, p: float) -> torch.Tensor:
 
 def min_p_keep(probs: torch.Tensor, m: float) -> torch.Tensor:
     """Tokens to keep: probability >= ``m`` times the largest probability."""
+    import torch
+
     if m <= 0:
         return torch.ones_like(probs, dtype=torch.bool)
     return probs >= m * probs.max()
@@ -93,6 +103,8 @@ def min_p_keep(probs: torch.Tensor, m: float) -> torch.Tensor:
 def distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
     """The final sampling distribution [vocab] (float64) of one sequence's logits [vocab]; a one-hot argmax when
     greedy."""
+    import torch
+
     x = logits.double()
     if seen is not None:
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
@@ -106,6 +118,8 @@ def distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tenso
 
 
 def make_generator(seed: int) -> torch.Generator:
+    import torch
+
     return torch.Generator().manual_seed(seed)
 
 
@@ -117,6 +131,8 @@ def next_tokens(
 ) -> list[int]:
     """The next token of each row of ``logits`` [B, vocab] (any device): its own parameters, history (for the
     repetition penalty) and generator."""
+    import torch
+
     out = []
     rows = logits.detach().to("cpu", torch.float64)
     for row, p, s, g in zip(rows, params, seen, generators):

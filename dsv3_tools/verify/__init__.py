@@ -150,6 +150,9 @@ def verify_checkpoint(
         fix = f"run one process per rank file (--nproc-per-node {ck.world})" if ck.layout == "mp" else "shard it first"
         raise ShardingError(f"torchrun started {world} processes but {ckpt} is {what}: {fix}")
 
+    # The reference first: a missing or unreadable one is bad input, found before any other work.
+    src: Source | None = open_source(reference, world) if reference is not None else None
+
     # 1. structure
     t0 = time.perf_counter()
     problems, warnings = check_structure(ck, checksums=checksums, progress=progress)
@@ -179,9 +182,7 @@ def verify_checkpoint(
         return done()
 
     # 2. the reference and the prompts (bad input raises before any model runs)
-    src: Source | None = None
-    if reference is not None:
-        src = open_source(reference, world)
+    if src is not None:
         rep.reference, rep.reference_kind = str(reference), src.kind
     if cfg is None:
         rep.verdict = "fail"
