@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
-from .errors import CheckpointError, ConfigError, DeviceError, LayoutError
+from .errors import CheckpointError, ConfigError, DeviceError, LayoutError, ScaleValueError
+from .family import is_v4
 from .layout import INDEX_NAME, ORIGIN_NAME
 from .output import Output, OutputPlan, plan_output, sidecar_files
 from .pipeline import ReadAhead
@@ -49,6 +50,8 @@ from .writer import SafetensorsWriter, read_manifest, source_fingerprint, tensor
 Progress = Callable[[int], None]
 FP8_BF16 = "fp8-bf16"
 BF16_FP8 = "bf16-fp8"
+TO_BF16 = "to-bf16"  # DeepSeek-V4: FP8 and FP4 weights to BF16 (``cast fp8-bf16`` and ``cast to-bf16`` on V4)
+FP4_FP8 = "fp4-fp8"  # DeepSeek-V4: FP4 experts to FP8
 MTP_MODES = ("keep", "drop")
 SCALE_FMTS = ("f32", "ue8m0")
 COPY_CHUNK = 32 << 20  # bytes per read of a pass-through tensor
@@ -91,19 +94,24 @@ class CastReport:
 
 
 @dataclass
-class _Op:
-    kind: str  # "copy" | "dequant" | "quant" | "scale" (a scale stored apart from its weight: computed from it)
+class Op:
+    """What one input tensor becomes. ``kind``: "copy"; "dequant" (block FP8 -> BF16; F32 or, DeepSeek-V4, E8M0
+    scales); "quant" (BF16 -> block FP8); "scale" (a scale stored apart from its weight: computed from it);
+    DeepSeek-V4's "dequant_fp4" (FP4 + 1x32 E8M0 -> BF16) and "fp4_fp8" (FP4 -> FP8 + 128x128 E8M0, exact or refused)."""
+
+    kind: str
     info: TensorInfo  # the tensor read (for "scale": the BF16 weight it comes from)
-    scale: TensorInfo | None = None  # dequant: the scale tensor; quant/scale: the original scale (kept by fp8-bf16)
+    scale: TensorInfo | None = None  # dequant, FP4: the scale tensor; quant/scale: the original scale (fp8-bf16's)
     fmt: str | None = None  # quant/scale: the scale kind of fresh tiles (None: f32 amax / 448, or "ue8m0")
     scale_here: bool = True  # quant: the scale follows the weight in this file (else it is written where it was)
+    scale_out: str | None = None  # fp4_fp8: the name of the new scale, written right after the weight
 
 
 @dataclass
-class _FilePlan:
+class FilePlan:
     name: str
     entries: list[Entry]
-    ops: list[_Op]
+    ops: list[Op]
     bytes_in: int
     size: int
     header: bytes | None = None  # the original file's header, reproduced byte for byte (bf16-fp8 with an origin)
@@ -115,7 +123,7 @@ class CastPlan:
 
     direction: str  # FP8_BF16 | BF16_FP8
     ck: Checkpoint = field(repr=False)
-    files: list[_FilePlan] = field(repr=False)
+    files: list[FilePlan] = field(repr=False)
     output: OutputPlan
     device: str  # "cpu" or a CUDA device (fp8-bf16 only)
     workers: int | None  # CPU threads (None: all cores)
@@ -128,7 +136,7 @@ class CastPlan:
 
     @property
     def n_cast(self) -> int:
-        return len(self.extra["fp8_weights"])
+        return len(self.extra["fp8_weights"] if "fp8_weights" in self.extra else self.extra["converted"])
 
     def report(self, dry_run: bool = True) -> CastReport:
         files = [
@@ -155,6 +163,10 @@ def plan_fp8_to_bf16(
     cfg = ck.config
     if not cfg.is_fp8:
         raise ConfigError(f"{src}: not an FP8 checkpoint (config.json has no quantization_config)")
+    if is_v4(cfg):
+        from .v4.cast import plan_v4_cast
+
+        return plan_v4_cast(ck, dst, TO_BF16, device=device, workers=workers, mtp=mtp)
     dev = resolve_device(device, kernel=_gpu_kernel)
     block = cfg.block_size
     plans, dropped = _plan(ck, FP8_BF16, mtp=mtp, selected=set(), block=block)
@@ -162,7 +174,7 @@ def plan_fp8_to_bf16(
     qc = json.loads((src / "config.json").read_text()).get("quantization_config")
     extra = {"fp8_weights": fp8_weights, "quantization_config": qc, "block": list(block)}
     job = {"stage": "cast", "direction": FP8_BF16, "mtp": mtp}
-    return _cast_plan(ck, dst, FP8_BF16, plans, dropped, job, extra, dev, workers, mtp, block, None)
+    return finish_plan(ck, dst, FP8_BF16, plans, dropped, job, extra, dev, workers, mtp, block, None)
 
 
 def plan_bf16_to_fp8(
@@ -185,6 +197,8 @@ def plan_bf16_to_fp8(
         raise ConfigError(f"--scale-fmt must be one of {', '.join(SCALE_FMTS)}, got {scale_fmt!r}")
     ck = _open_input(src)
     cfg = ck.config
+    if is_v4(cfg):
+        raise ConfigError(f"{src}: cast bf16-fp8 re-quantizes V3-family checkpoints; DeepSeek-V4 is not supported yet")
     if cfg.is_fp8:
         raise ConfigError(f"{src}: already an FP8 checkpoint (config.json has a quantization_config)")
     record = read_manifest(src) or {}
@@ -247,7 +261,23 @@ def plan_bf16_to_fp8(
     else:
         qc.pop("modules_to_not_convert", None)
     extra = {"fp8_weights": fp8_weights, "quantization_config": qc, "block": list(block), "selected_by": origin}
-    return _cast_plan(ck, dst, BF16_FP8, plans, dropped, job, extra, "cpu", None, mtp, block, fmt)
+    return finish_plan(ck, dst, BF16_FP8, plans, dropped, job, extra, "cpu", None, mtp, block, fmt)
+
+
+def plan_fp4_to_fp8(
+    src: str | Path, dst: str | Path, *, device: str = "auto", workers: int | None = None, mtp: str = "keep"
+) -> CastPlan:
+    """Plan re-encoding the FP4 routed experts of the DeepSeek-V4 folder ``src`` as FP8 with 128x128 E8M0 scales in a
+    new folder ``dst`` (for GPUs without FP4 tensor cores), exactly: every expert scale is read first, and a block
+    FP8 cannot hold exactly is refused, naming the tensor and the block, before anything is written."""
+    src, dst = Path(src), Path(dst)
+    _check_mtp(mtp)
+    ck = _open_input(src)
+    if not is_v4(ck.config):
+        raise ConfigError(f"{src}: cast fp4-fp8 converts DeepSeek-V4's FP4 experts; this is {ck.config.model_type}")
+    from .v4.cast import plan_v4_cast
+
+    return plan_v4_cast(ck, dst, FP4_FP8, device=device, workers=workers, mtp=mtp)
 
 
 def cast_fp8_to_bf16(
@@ -307,14 +337,14 @@ def _plan(
     block: tuple[int, int],
     prev: _Origin | None = None,
     fmt_of: Callable[[str], str | None] = lambda name: None,
-) -> tuple[list[_FilePlan], int]:
+) -> tuple[list[FilePlan], int]:
     """Output files (same names as the input's), their tensors in input byte order, and the work for each; a
     re-quantized weight's scale right after it."""
-    plans: list[_FilePlan] = []
+    plans: list[FilePlan] = []
     dropped = 0
     for rel in sorted(ck.files):
         entries: list[Entry] = []
-        ops: list[_Op] = []
+        ops: list[Op] = []
         bytes_in = 0
         for info in sorted(ck.headers[rel].tensors.values(), key=lambda i: i.start):
             name = info.name
@@ -327,20 +357,20 @@ def _plan(
                 if info.dtype == "F8_E4M3":
                     sinfo = ck.tensors[N.scale_name(name)]  # presence and shape checked by open_checkpoint
                     entries.append((name, "BF16", info.shape))
-                    ops.append(_Op("dequant", info, sinfo))
+                    ops.append(Op("dequant", info, sinfo))
                     bytes_in += info.nbytes + sinfo.nbytes
                     continue
             elif name in selected:
                 grid = tuple(-(-d // b) for d, b in zip(info.shape, block))
                 entries += [(name, "F8_E4M3", info.shape), (N.scale_name(name), "F32", grid)]
-                ops.append(_Op("quant", info, prev.scale(name, grid) if prev else None, fmt_of(name)))
+                ops.append(Op("quant", info, prev.scale(name, grid) if prev else None, fmt_of(name)))
                 bytes_in += info.nbytes
                 continue
             entries.append((name, info.dtype, info.shape))
-            ops.append(_Op("copy", info))
+            ops.append(Op("copy", info))
             bytes_in += info.nbytes
         if entries:
-            plans.append(_FilePlan(rel, entries, ops, bytes_in, planned_size(entries, {"format": "pt"})))
+            plans.append(FilePlan(rel, entries, ops, bytes_in, planned_size(entries, {"format": "pt"})))
     return plans, dropped
 
 
@@ -385,7 +415,7 @@ def _plan_like_origin(
     selected: set[str],
     block: tuple[int, int],
     fmt_of: Callable[[str], str | None],
-) -> list[_FilePlan] | None:
+) -> list[FilePlan] | None:
     """The original FP8 files again: same names, same tensors in the same order (a scale where it was, also in
     another file than its weight), the original header bytes. None when the BF16 folder no longer matches them
     (tensors added, removed, reshaped, or not all of the original FP8 weights re-quantized)."""
@@ -408,7 +438,7 @@ def _plan_like_origin(
             return None
     plans = []
     for rel, entries in files.items():
-        ops: list[_Op] = []
+        ops: list[Op] = []
         bytes_in = 0
         for i, (name, _, _) in enumerate(entries):
             if N.is_scale(name):
@@ -416,17 +446,17 @@ def _plan_like_origin(
                 if i and entries[i - 1][0] == w:
                     continue  # written right after its weight
                 info = ck.tensors[w]
-                ops.append(_Op("scale", info, origin.scale(w, _grid(info.shape, block)), fmt_of(w)))
+                ops.append(Op("scale", info, origin.scale(w, _grid(info.shape, block)), fmt_of(w)))
             elif name in selected:
                 info = ck.tensors[name]
                 here = i + 1 < len(entries) and entries[i + 1][0] == N.scale_name(name)
-                ops.append(_Op("quant", info, origin.scale(name, _grid(info.shape, block)), fmt_of(name), here))
+                ops.append(Op("quant", info, origin.scale(name, _grid(info.shape, block)), fmt_of(name), here))
             else:
                 info = ck.tensors[name]
-                ops.append(_Op("copy", info))
+                ops.append(Op("copy", info))
             bytes_in += info.nbytes
         hb = origin.headers[rel]
-        plans.append(_FilePlan(rel, entries, ops, bytes_in, len(hb) + sum(nbytes(d, s) for _, d, s in entries), hb))
+        plans.append(FilePlan(rel, entries, ops, bytes_in, len(hb) + sum(nbytes(d, s) for _, d, s in entries), hb))
     return plans
 
 
@@ -468,11 +498,11 @@ def _write_origin(plan: CastPlan, out: Output) -> dict:
     return {"default": default, "other": sorted(n for n, k in kinds.items() if k != default)}
 
 
-def _cast_plan(
+def finish_plan(
     ck: Checkpoint,
     dst: Path,
     direction: str,
-    files: list[_FilePlan],
+    files: list[FilePlan],
     dropped: int,
     job: dict,
     extra: dict,
@@ -481,13 +511,15 @@ def _cast_plan(
     mtp: str,
     block: tuple[int, int],
     scale_fmt: str | None,
+    config: dict | None = None,
 ) -> CastPlan:
-    """The output side of a cast plan: the same file names as the input's, its sidecars, config and index last."""
+    """The output side of a cast plan: the same file names as the input's, its sidecars, config (``config``, or the
+    input's with the quantization and MTP settings of a V3-family cast) and index last."""
     src = ck.path
     sidecars = sidecar_files(src)
     job = job | {"source": source_fingerprint(src, [*ck.files, "config.json", *sidecars])}
     out = plan_output(src, dst, job, {p.name: p.size for p in files}, sidecars)
-    config = _out_config(src, direction, mtp, extra)
+    config = config if config is not None else _out_config(src, direction, mtp, extra)
     return CastPlan(direction, ck, files, out, device, workers, mtp, block, scale_fmt, dropped, extra, config)
 
 
@@ -552,7 +584,7 @@ def run_cast(plan: CastPlan, progress: Progress | None = None) -> CastReport:
 
 def _write_file(
     plan: CastPlan,
-    fp: _FilePlan,
+    fp: FilePlan,
     advance: Progress,
     pool: ThreadPoolExecutor,
     depth: int,
@@ -562,6 +594,8 @@ def _write_file(
     this thread hands results to the writer in order, whose threads hash and write. Every buffer handed on is fresh,
     so the stages overlap without copies. ``held``: scales written in another file than their weight's."""
     import torch
+
+    from .v4.cast import convert_fp4  # (here: v4.cast builds on this module)
 
     w = SafetensorsWriter(
         plan.output.dst / fp.name, fp.entries, {"format": "pt"}, background=True, direct=True, header=fp.header
@@ -577,31 +611,33 @@ def _write_file(
         op, fut, last, nbytes = pending.popleft()
         res = fut.result() if isinstance(fut, Future) else fut
         name = op.info.name
-        if op.kind in ("quant", "scale"):
+        if op.kind in ("quant", "scale", "fp4_fp8"):  # a weight (but "scale"), then its new scales after its last chunk
             q, sc = res
-            if op.kind == "quant":
+            if op.kind != "scale":
                 w.write_part(name, tensor_bytes(q))
             scales.append(sc)
             if last:
                 s = torch.cat(scales)
                 scales = []
-                sname = N.scale_name(name)
+                sname = op.scale_out or N.scale_name(name)
                 if op.kind == "scale" or op.scale_here:
                     w.write_part(sname, tensor_bytes(s))
                 if sname in held and not torch.equal(held[sname], s):
                     raise AssertionError(f"{sname}: computed twice with different values")
-                if not (op.kind == "quant" and op.scale_here):
+                if op.kind == "scale" or not op.scale_here:
                     held[sname] = s
         else:
             w.write_part(name, tensor_bytes(res))
         advance(nbytes)
 
     try:
-        for op, x, s, last, nbytes in chunks:
+        for op, x, s, r0, last, nbytes in chunks:
             if op.kind == "copy":
                 pending.append((op, x, last, nbytes))
             elif op.kind == "dequant":
                 pending.append((op, pool.submit(_dequant, x, s, block, device), last, nbytes))
+            elif op.kind in ("dequant_fp4", "fp4_fp8"):  # DeepSeek-V4's FP4 experts
+                pending.append((op, pool.submit(convert_fp4, op, x, s, r0), last, nbytes))
             else:  # quant, scale: s holds the original scales of these rows, when kept
                 pending.append((op, pool.submit(_quant, x, block, op.fmt, s), last, nbytes))
             while len(pending) > depth:
@@ -620,8 +656,8 @@ def _write_file(
         chunks.close()  # stops the reader and waits for it
 
 
-def _read_chunks(ck: Checkpoint, plan: _FilePlan, device: str, block: tuple[int, int]) -> Iterator[tuple]:
-    """(op, data, scale rows, last chunk of the tensor?, input bytes) in output order, bounded in size."""
+def _read_chunks(ck: Checkpoint, plan: FilePlan, device: str, block: tuple[int, int]) -> Iterator[tuple]:
+    """(op, data, scale rows, first row, last chunk of the tensor?, input bytes) in output order, bounded in size."""
     import torch
 
     b0 = block[0]
@@ -631,24 +667,40 @@ def _read_chunks(ck: Checkpoint, plan: _FilePlan, device: str, block: tuple[int,
         if op.kind == "copy":
             n = info.nbytes
             if n == 0:
-                yield op, torch.empty(0, dtype=torch.uint8), None, True, 0
+                yield op, torch.empty(0, dtype=torch.uint8), None, 0, True, 0
             for off in range(0, n, COPY_CHUNK):
                 end = min(n, off + COPY_CHUNK)
-                yield op, ck.read_bytes(info, off, end), None, end == n, end - off
+                yield op, ck.read_bytes(info, off, end), None, 0, end == n, end - off
             continue
         rows, cols = info.shape
         scale = ck.read_info(op.scale) if op.scale is not None else None  # just the scale's bytes
+        if scale is not None and op.kind == "dequant" and op.scale.dtype == "F8_E8M0":
+            scale = _e8m0_scales(scale, info.name, op.scale.file)
+        fp4 = op.kind in ("dequant_fp4", "fp4_fp8")
+        per = 1 if fp4 else b0  # weight rows per scale row: 1x32 groups (FP4), or blocks
         row_bytes = cols * DTYPE_SIZE[info.dtype]
         step = max(b0, (elems // max(cols, 1)) // b0 * b0)  # whole block rows, so that scale rows line up
         if rows == 0:
-            yield op, ck.read_info(info), scale, True, 0
+            yield op, ck.read_info(info), scale, 0, True, 0
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             raw = ck.read_bytes(info, r0 * row_bytes, r1 * row_bytes)
             x = raw.view(torch_dtype(info.dtype)).view(r1 - r0, cols)
-            s = scale[r0 // b0 : -(-r1 // b0)] if scale is not None else None
-            extra = op.scale.nbytes if (op.kind == "dequant" and r0 == 0) else 0
-            yield op, x, s, r1 == rows, (r1 - r0) * row_bytes + extra
+            s = scale[r0 // per : -(-r1 // per)] if scale is not None else None
+            extra = op.scale.nbytes if ((op.kind == "dequant" or fp4) and r0 == 0) else 0
+            yield op, x, s, r0, r1 == rows, (r1 - r0) * row_bytes + extra
+
+
+def _e8m0_scales(scale: torch.Tensor, name: str, file: str) -> torch.Tensor:
+    """F32 of a DeepSeek-V4 weight's E8M0 block scales (exact); a NaN byte is an error, not a NaN weight."""
+    import torch
+
+    from dsv3_tools.kernels.fp4 import E8M0_NAN, e8m0_to_f32
+
+    nan = scale.view(torch.uint8) == E8M0_NAN
+    if bool(nan.any()):
+        raise ScaleValueError(f"E8M0 scale block {nan.nonzero()[0].tolist()} is NaN (byte 255)", file=file, tensor=name)
+    return e8m0_to_f32(scale)
 
 
 def _quant(

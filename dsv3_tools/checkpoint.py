@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import names as N
-from .config import ModelConfig
 from .errors import (
     CheckpointError,
     IndexMismatchError,
@@ -27,6 +27,7 @@ from .errors import (
     UnknownNameError,
     UnsafePathError,
 )
+from .family import AnyConfig, config_from_file, is_v4
 from .layout import (
     INDEX_NAME,
     MP_MTP_RE,
@@ -37,7 +38,11 @@ from .layout import (
     mtp_rank_file,
     rank_file,
 )
-from .stfile import FileHeader, TensorInfo, read_header, torch_dtype
+from .stfile import FileHeader, TensorInfo, read_header, torch_dtype, torch_shape
+from .v4 import names as V4
+from .v4.validate import looks_v4
+from .v4.validate import validate as validate_v4
+from .v4.validate import validate_scales as validate_v4_scales
 from .validate import validate, validate_scales
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: opening a folder needs none of it
@@ -58,7 +63,7 @@ class Checkpoint:
 
     path: Path
     layout: str  # "hf-single" | "hf-sharded" | "mp"
-    config: ModelConfig | None
+    config: AnyConfig | None  # ModelConfig (V3 family) or V4Config
     files: list[str]
     tensors: dict[str, TensorInfo]  # HF name -> location (hf layouts; rank 0's piece for mp)
     index: dict | None = None
@@ -67,6 +72,7 @@ class Checkpoint:
     problems: list[CheckpointError] = field(default_factory=list)  # found while opening (lenient mode)
     warnings: list[str] = field(default_factory=list)  # metadata that is off but changes no tensor
     headers: dict[str, FileHeader] = field(default_factory=dict)
+    family: str = "v3"  # whose name table the names follow: "v3" (the V3 family) or "v4" (DeepSeek-V4)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     # --------------------------------------------------------------- reading
@@ -122,7 +128,7 @@ class Checkpoint:
 
     def read_info(self, info: TensorInfo) -> torch.Tensor:
         raw = self.read_bytes(info)
-        return raw.view(torch_dtype(info.dtype)).reshape(info.shape)
+        return raw.view(torch_dtype(info.dtype)).reshape(torch_shape(info.dtype, info.shape))
 
     def read(self, name: str) -> torch.Tensor:
         """A whole tensor by HF name (re-assembled from the rank files in the MP layout)."""
@@ -135,30 +141,36 @@ class Checkpoint:
         info = self.info(name)
         row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         raw = self.read_bytes(info, start * row, stop * row)
-        return raw.view(torch_dtype(info.dtype)).reshape((stop - start, *info.shape[1:]))
+        return raw.view(torch_dtype(info.dtype)).reshape(torch_shape(info.dtype, (stop - start, *info.shape[1:])))
 
     def _read_mp(self, name: str) -> torch.Tensor:
         parts = self.mp_parts.get(name)
         if not parts:
             raise MissingTensorError("not in this checkpoint", tensor=name)
-        n = N.parse_hf(name)
-        if len(parts) == 1 or n.split is None or n.split == N.EXPERT:
+        split = self.split_of(name)
+        if len(parts) == 1 or not isinstance(split, int):
             return self.read_info(parts[0].info)
         import torch
 
         pieces = [self.read_info(p.info) for p in sorted(parts, key=lambda p: p.rank)]
-        return torch.cat(pieces, dim=n.split)
+        return torch.cat(pieces, dim=split)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         """A tensor's full (re-assembled) shape; in the MP layout, pieces are concatenated on the split dim."""
         if self.layout != "mp":
             return self.tensors[name].shape
         parts = self.mp_parts[name]
-        n = N.parse_hf(name)
+        split = self.split_of(name)
         shape = list(parts[0].info.shape)
-        if isinstance(n.split, int) and len(parts) > 1:
-            shape[n.split] = sum(p.info.shape[n.split] for p in parts)
+        if isinstance(split, int) and len(parts) > 1:
+            shape[split] = sum(p.info.shape[split] for p in parts)
         return tuple(shape)
+
+    def split_of(self, name: str) -> int | str | None:
+        """The model-parallel split of a tensor (its family's name table): a dim, ``EXPERT``, or None (replicated)."""
+        if self.family == "v4":
+            return V4.parse(name).split
+        return N.parse_hf(name).split
 
     # --------------------------------------------------------------- summaries
     def names(self) -> list[str]:
@@ -185,15 +197,15 @@ def _safe_rel(path: Path, rel: str) -> str:
     return rel
 
 
-def load_config(path: Path, layout: str) -> ModelConfig | None:
+def load_config(path: Path, layout: str) -> AnyConfig | None:
     cand = mp_config_files(path)[0] if layout == "mp" else path / "config.json"
     if not cand.is_file():
         return None
-    return ModelConfig.from_file(cand)
+    return config_from_file(cand)
 
 
 def open_checkpoint(
-    path: str | Path, *, strict: bool = True, config: ModelConfig | None = None, read_config: bool = True
+    path: str | Path, *, strict: bool = True, config: AnyConfig | None = None, read_config: bool = True
 ) -> Checkpoint:
     """Open a checkpoint folder. ``strict`` raises the first problem; otherwise problems are collected.
 
@@ -215,11 +227,16 @@ def open_checkpoint(
     elif layout == "hf-single":
         ck = _open_files(path, "hf-single", [SINGLE_NAME], problem)
     else:
-        ck = _open_mp(path, problem)
+        ck = _open_mp(path, problem, "v4" if is_v4(cfg) else "v3" if cfg is not None else None)
     ck.config = cfg
     ck.problems = problems
-    if cfg is not None:
+    ck.family = "v4" if is_v4(cfg) or (cfg is None and looks_v4(ck.tensors)) else "v3"
+    if is_v4(cfg):
+        validate_v4(ck, problem)
+    elif cfg is not None:
         validate(ck, problem)
+    elif ck.family == "v4":
+        validate_v4_scales(ck, problem)
     else:
         validate_scales(ck, problem)
     return ck
@@ -296,8 +313,10 @@ def _open_hf_sharded(path: Path, problem) -> Checkpoint:
     return ck
 
 
-def _open_mp(path: Path, problem) -> Checkpoint:
-    """The rank files ``model{r}-mp{N}`` and, when the MTP module was kept, its files ``mtp{r}-mp{N}``."""
+def _open_mp(path: Path, problem, family: str | None) -> Checkpoint:
+    """The rank files ``model{r}-mp{N}`` and, when the MTP module was kept, its files ``mtp{r}-mp{N}``; each tensor
+    keyed by its HF name (V3 family: renamed back by the name table; "v4": the same names; None: V4 when its marker
+    tensor is there)."""
     ranks: dict[int, str] = {}
     mtp_ranks: dict[int, str] = {}
     worlds = set()
@@ -326,18 +345,20 @@ def _open_mp(path: Path, problem) -> Checkpoint:
     files = [ranks[r] for r in sorted(ranks) if r < world]
     files += [f for r, f in sorted(mtp_ranks.items()) if r < world and MP_MTP_RE.match(f).group(2) == str(world)]
     headers: dict[str, FileHeader] = {}
-    parts: dict[str, list[MpPart]] = {}
     for rel in files:
-        rank = int((MP_RE.match(rel) or MP_MTP_RE.match(rel)).group(1))
         try:
-            h = read_header(path / rel, rel)
+            headers[rel] = read_header(path / rel, rel)
         except CheckpointError as e:
             problem(e)
-            continue
-        headers[rel] = h
+    if family is None:
+        family = "v4" if any(looks_v4(h.tensors) for h in headers.values()) else "v3"
+    to_hf: Callable[[str], str] = (lambda n: V4.parse(n).name) if family == "v4" else N.mp_to_hf
+    parts: dict[str, list[MpPart]] = {}
+    for rel, h in headers.items():
+        rank = int((MP_RE.match(rel) or MP_MTP_RE.match(rel)).group(1))
         for mp_name, info in h.tensors.items():
             try:
-                hf = N.mp_to_hf(mp_name)
+                hf = to_hf(mp_name)
             except UnknownNameError as e:
                 e.file = rel
                 problem(e)

@@ -63,9 +63,17 @@ ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Built-in config 
 def synth(
     out: Annotated[Path, typer.Argument(help="New folder to write.")],
     config: ConfigOpt = "tiny",
-    dtype: Annotated[str, typer.Option(help="fp8 (block-quantized, with scales) or bf16.")] = "fp8",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="V3 family: fp8 (block-quantized, with scales; default) or bf16. DeepSeek-V4: fp4 (FP4 experts, "
+            "the release), fp8 (FP8 experts, F32 scales: -Base) or bf16; default: the config's own."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
-    shards: Annotated[int, typer.Option(help="Number of safetensors files.")] = 4,
+    shards: Annotated[
+        int, typer.Option(help="Number of safetensors files (DeepSeek-V4: the released layout, one per layer).")
+    ] = 4,
     layers: Annotated[int | None, typer.Option(help="Reduce depth to this many main layers.")] = None,
     experts: Annotated[int | None, typer.Option(help="Reduce the routed experts to this many.")] = None,
     dense_layers: Annotated[
@@ -258,7 +266,9 @@ def verify(
     raise typer.Exit(r.exit_code)
 
 
-cast_app = typer.Typer(no_args_is_help=True, help="Convert between block-FP8 and BF16 (streaming, resumable).")
+cast_app = typer.Typer(
+    no_args_is_help=True, help="Convert between block-FP8 (FP4 on DeepSeek-V4) and BF16 (streaming, resumable)."
+)
 app.add_typer(cast_app, name="cast")
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (files, bytes, free disk) only.")]
 
@@ -293,6 +303,40 @@ def cast_fp8_bf16(
     from .cast import plan_fp8_to_bf16
 
     _cast(plan_fp8_to_bf16(src, dst, device=device, workers=workers, mtp=mtp.value), dry_run, json_, "fp8-bf16")
+
+
+@cast_app.command("to-bf16")
+def cast_to_bf16(
+    src: Annotated[Path, typer.Argument(help="Quantized Hugging Face checkpoint folder (FP8, and FP4 experts on V4).")],
+    dst: Annotated[Path, typer.Argument(help="New folder for the BF16 checkpoint (or the same, to resume).")],
+    device: Annotated[str, typer.Option(help="auto (cuda when available; V4: the CPU), cpu or cuda.")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="CPU threads for the arithmetic (default: all cores).")] = None,
+    mtp: MtpOpt = Mtp.keep,
+    dry_run: DryRunOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Every quantized weight to BF16, exactly: block FP8 (bf16(w * s)) and DeepSeek-V4's FP4 experts; a complete,
+    loadable HF folder. The same as fp8-bf16, named for what it does on V4."""
+    from .cast import plan_fp8_to_bf16
+
+    _cast(plan_fp8_to_bf16(src, dst, device=device, workers=workers, mtp=mtp.value), dry_run, json_, "to-bf16")
+
+
+@cast_app.command("fp4-fp8")
+def cast_fp4_fp8(
+    src: Annotated[Path, typer.Argument(help="DeepSeek-V4 Hugging Face folder with FP4 experts.")],
+    dst: Annotated[Path, typer.Argument(help="New folder with FP8 experts (or the same, to resume).")],
+    device: Annotated[str, typer.Option(help="auto or cpu (the V4 arithmetic runs on the CPU).")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="CPU threads for the arithmetic (default: all cores).")] = None,
+    mtp: MtpOpt = Mtp.keep,
+    dry_run: DryRunOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """DeepSeek-V4's FP4 experts to FP8 with 128x128 E8M0 scales, losslessly, for GPUs without FP4 (Hopper); a block
+    FP8 cannot hold exactly is refused (tensor and block named) before anything is written."""
+    from .cast import plan_fp4_to_fp8
+
+    _cast(plan_fp4_to_fp8(src, dst, device=device, workers=workers, mtp=mtp.value), dry_run, json_, "fp4-fp8")
 
 
 @cast_app.command("bf16-fp8")

@@ -128,3 +128,19 @@ class DownloadError(Dsv3Error):
 
 class DeviceError(Dsv3Error):
     """The requested device (or its kernel) is not available."""
+
+
+class UnsupportedModelError(Dsv3Error):
+    """A model this tool recognizes but does not handle (DeepSeek-V4.1): refused whole, never half-read."""
+
+
+class ScaleValueError(CheckpointError):
+    """A scale whose value makes the weight meaningless (NaN E8M0 byte, a product beyond BF16's range)."""
+
+    kind = "scale_value"
+
+
+class InexactConversionError(CheckpointError):
+    """A conversion that would change values (an FP4 block that FP8 with one 128x128 scale cannot hold)."""
+
+    kind = "inexact"

@@ -157,6 +157,8 @@ def render_inspect(r: Any) -> None:
         ("family", r.family or "?"),
         ("model_type", r.model_type or "?"),
         ("layers", f"{r.layers} (dense: {r.dense_layers})" if r.layers is not None else "?"),
+        *([("layer kinds", ", ".join(f"{k}: {v}" for k, v in r.layer_kinds.items()))] if r.layer_kinds else []),
+        *([("variant", r.variant)] if r.variant else []),
         ("MTP layers", r.mtp_layers or "none"),
         ("experts", f"{r.experts} routed, {r.experts_per_token} per token" if r.experts else "?"),
         ("quantization", r.quantization or "?"),

@@ -23,6 +23,10 @@ and has no MTP layer), with these extra names:
 - ``layers.{L}.shared_head.norm.weight`` (replicated) and ``layers.{L}.shared_head.head.weight`` (vocab rows);
 - ``layers.{L}.attn_norm``, ``attn.*``, ``ffn_norm``, ``ffn.*``: its decoder block, named and split as any layer.
 
+DeepSeek-V4 has its own layout (its names are the demo's, the MTP module stays in the rank files, ``wo_a`` becomes
+BF16, FP4 experts are written as ``F4``): ``plan_shard`` dispatches to ``v4/shard.py`` for the plan, and this module
+writes it (``finish_plan``, ``run_shard``).
+
 Streaming: every rank file's header is planned from the input headers first; the input tensors are then read
 once each, in file order, in chunks of at most ``CHUNK`` bytes, and each chunk's slices are appended to the rank
 files, whose tensor order is that same input order, so every writer advances sequentially. Memory is a few
@@ -46,6 +50,7 @@ from . import names as N
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, ShardingError
+from .family import is_v4
 from .layout import MODEL_ARGS_NAME, MP_MTP_RE, MP_RE, mtp_rank_file, rank_file, upstream_command
 from .modelargs import demo_model_args
 from .output import MP_SIDECAR_PATTERNS, Output, OutputPlan, check_separate, plan_output, sidecar_files
@@ -55,6 +60,7 @@ from .writer import SafetensorsWriter, source_fingerprint
 
 Progress = Callable[[int], None]
 CHUNK = 32 << 20  # bytes per read (two in flight): bounds memory whatever the tensor size
+BLOCK = 128  # the FP8 block of a weight dequantized on the way (DeepSeek-V4's wo_a)
 MTP_MODES = ("keep", "drop")
 
 
@@ -97,7 +103,7 @@ class ShardReport:
 
 # ---------------------------------------------------------------------- the degree check
 @dataclass(frozen=True)
-class _Rule:
+class Rule:
     """One divisibility constraint on N, attributed to the first tensor that imposes it."""
 
     tensor: str
@@ -116,36 +122,36 @@ class _Rule:
         return None
 
 
-def _rules(cfg: ModelConfig, tensors: list[tuple[str, tuple[int, ...], bool]]) -> list[_Rule]:
+def _rules(cfg: ModelConfig, tensors: list[tuple[str, tuple[int, ...], bool]]) -> list[Rule]:
     """The constraints ``(hf name, shape, block-quantized)`` tensors put on N, deduplicated, in tensor order."""
     block = cfg.block_size
-    rules: dict[tuple[str, int, int], _Rule] = {}
+    rules: dict[tuple[str, int, int], Rule] = {}
 
-    def add(r: _Rule) -> None:
+    def add(r: Rule) -> None:
         rules.setdefault((r.what, r.size, r.unit), r)
 
     for name, shape, quantized in tensors:
         n = N.parse_hf(name)
         if n.split == N.EXPERT:
-            add(_Rule(name, "n_routed_experts", cfg.n_routed_experts, 1))
+            add(Rule(name, "n_routed_experts", cfg.n_routed_experts, 1))
         elif isinstance(n.split, int):
             if n.module.hf.startswith("self_attn."):
-                add(_Rule(name, "num_attention_heads", cfg.num_attention_heads, 1))
+                add(Rule(name, "num_attention_heads", cfg.num_attention_heads, 1))
             unit = block[n.split] if quantized and not n.is_scale else 1
-            add(_Rule(name, f"dim {n.split} of size", shape[n.split], unit))
+            add(Rule(name, f"dim {n.split} of size", shape[n.split], unit))
     return list(rules.values())
 
 
-def _valid(rules: list[_Rule]) -> list[int]:
+def degrees(rules: list[Rule]) -> list[int]:
     limit = min((r.size for r in rules), default=1)
     return [n for n in range(1, max(limit, 1) + 1) if all(r.violated(n) is None for r in rules)]
 
 
-def _check(rules: list[_Rule], mp: int) -> None:
+def check_degree(rules: list[Rule], mp: int) -> None:
     for r in rules:
         why = r.violated(mp)
         if why:
-            ok = ", ".join(map(str, _valid(rules)))
+            ok = ", ".join(map(str, degrees(rules)))
             raise ShardingError(f"cannot shard into --mp {mp}: tensor {r.tensor!r}: {why}; degrees that work: {ok}")
 
 
@@ -159,19 +165,22 @@ def valid_mp_degrees(cfg: ModelConfig, fp8: bool) -> list[int]:
         if n.is_scale and not fp8:
             continue
         tensors.append((spec.name, spec.shape, fp8 and n.module.quantized))
-    return _valid(_rules(cfg, tensors))
+    return degrees(_rules(cfg, tensors))
 
 
 # ---------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
-class _Item:
+class Item:
     """One input tensor and where its pieces go."""
 
     info: TensorInfo
-    name: N.Name
+    mp: str  # its name in the rank files
+    split: int | str | None  # 0 / 1: the dim cut across ranks; N.EXPERT or None: whole
     ranks: tuple[int, ...]  # ranks holding a piece (all for split/replicated; the owner for an expert)
     shape: tuple[int, ...]  # the per-rank shape
+    dtype: str  # the rank files' dtype (the input's, unless converted or relabelled)
     mtp: bool = False  # part of the MTP module: goes to the ranks' mtp{r}-mp{N} files
+    scale: TensorInfo | None = None  # dequant: the block scales of this FP8 weight, split alongside and dropped
 
     def files(self, mp: int) -> list[str]:
         """The output file of each rank in ``ranks``, in that order."""
@@ -179,10 +188,10 @@ class _Item:
         return [name(r, mp) for r in self.ranks]
 
 
-def _plan(ck: Checkpoint, cfg: ModelConfig, mp: int, keep_mtp: bool) -> tuple[list[_Item], int]:
+def _plan(ck: Checkpoint, cfg: ModelConfig, mp: int, keep_mtp: bool) -> tuple[list[Item], int]:
     """Input tensors in read order (file, then offset) with their destinations; and how many MTP tensors drop."""
     order = {f: i for i, f in enumerate(sorted(ck.files))}  # file-name order: model-00001-of-... first
-    items: list[_Item] = []
+    items: list[Item] = []
     dropped = 0
     per = cfg.n_routed_experts // mp if cfg.n_routed_experts % mp == 0 else 0
     for info in sorted(ck.tensors.values(), key=lambda i: (order[i.file], i.start)):
@@ -200,7 +209,7 @@ def _plan(ck: Checkpoint, cfg: ModelConfig, mp: int, keep_mtp: bool) -> tuple[li
         else:
             ranks = tuple(range(mp))
             shape = info.shape
-        items.append(_Item(info, n, ranks, shape, mtp))
+        items.append(Item(info, n.mp, n.split, ranks, shape, info.dtype, mtp))
     return items, dropped
 
 
@@ -213,7 +222,7 @@ class ShardPlan:
     mp: int
     mtp: str
     dtype: str  # "fp8" or "bf16"
-    items: list[_Item] = field(repr=False)  # input tensors in read order, with their destinations
+    items: list[Item] = field(repr=False)  # input tensors in read order, with their destinations
     entries: dict[str, list[Entry]] = field(repr=False)  # per output file: its tensors, in writing order
     sizes: dict[str, int]  # output file -> size (rank files first, then the MTP module's)
     dropped: int  # MTP tensors left out
@@ -257,27 +266,50 @@ def plan_shard(src: str | Path, dst: str | Path, *, mp: int, mtp: str = "keep") 
     cfg = ck.config
     if cfg is None:
         raise ConfigError(f"{src}: no config.json")
+    if is_v4(cfg):
+        from .v4.shard import plan_v4_shard
+
+        return plan_v4_shard(ck, dst, mp, mtp)
     fp8 = any(i.dtype == "F8_E4M3" for i in ck.tensors.values())
     items, dropped = _plan(ck, cfg, mp, mtp == "keep")
     rules = _rules(
-        cfg, [(it.info.name, it.info.shape, fp8 and (it.info.dtype == "F8_E4M3" or it.name.is_scale)) for it in items]
+        cfg,
+        [
+            (it.info.name, it.info.shape, fp8 and (it.info.dtype == "F8_E4M3" or N.is_scale(it.info.name)))
+            for it in items
+        ],
     )
-    _check(rules, mp)
+    check_degree(rules, mp)
 
+    dtype = "fp8" if fp8 else "bf16"
+    return finish_plan(ck, dst, mp, mtp, dtype, items, dropped, degrees(rules), demo_model_args(cfg))
+
+
+def finish_plan(
+    ck: Checkpoint,
+    dst: Path,
+    mp: int,
+    mtp: str,
+    dtype: str,
+    items: list[Item],
+    dropped: int,
+    valid: list[int],
+    model_args: dict,
+) -> ShardPlan:
+    """The rank files' contents and sizes from ``items``, and the destination checked (``output.plan_output``)."""
     entries: dict[str, list[Entry]] = {rank_file(r, mp): [] for r in range(mp)}
     for it in items:
         for f in it.files(mp):
-            entries.setdefault(f, []).append((it.name.mp, it.info.dtype, it.shape))
+            entries.setdefault(f, []).append((it.mp, it.dtype, it.shape))
     sizes = {f: planned_size(e, {"format": "pt"}) for f, e in entries.items()}
+    src = ck.path
     job = {"stage": "shard", "mp": mp, "mtp": mtp, "source": source_fingerprint(src, [*ck.files, "config.json"])}
     config = None
     if dropped:  # the HF config must say what the folder holds: no MTP layer
         config = json.loads((src / "config.json").read_text()) | {"num_nextn_predict_layers": 0}
     copies = {} if config is not None else {"config.json": "config.json"}
     out = plan_output(src, dst, job, sizes, sidecar_files(src, MP_SIDECAR_PATTERNS), copies)
-    dtype = "fp8" if fp8 else "bf16"
-    args = demo_model_args(cfg)
-    return ShardPlan(ck, mp, mtp, dtype, items, entries, sizes, dropped, _valid(rules), args, config, out)
+    return ShardPlan(ck, mp, mtp, dtype, items, entries, sizes, dropped, valid, model_args, config, out)
 
 
 def run_shard(plan: ShardPlan, progress: Progress | None = None) -> ShardReport:
@@ -337,7 +369,12 @@ def _write_files(plan: ShardPlan, pending: list[str], out: Output, advance: Prog
         for f in pending:
             writers[f] = SafetensorsWriter(plan.output.dst / f, plan.entries[f], {"format": "pt"})
             advance(writers[f].data_start)  # the header: the bar's total is the files' whole size
-        rows = [it.info.nbytes // it.info.shape[0] for it in plan.items if it.info.shape and it.info.shape[0]]
+        # a read holds at least one row (one 128-row block of a weight dequantized on the way)
+        rows = [
+            it.info.nbytes // it.info.shape[0] * (BLOCK if it.scale is not None else 1)
+            for it in plan.items
+            if it.info.shape and it.info.shape[0]
+        ]
         pipe = _Pipe(plan.ck, writers, plan.mp, max(CHUNK, *rows, 1), advance)
         for it in plan.items:
             if any(f in writers for f in it.files(plan.mp)):
@@ -402,20 +439,22 @@ class _Pipe:
             self._check()
             raise
 
-    def copy(self, it: _Item) -> None:
+    def copy(self, it: Item) -> None:
         """Queue one input tensor's pieces for its target files, a chunk at a time."""
-        info, name, mp = it.info, it.name.mp, self.mp
+        info, name, mp = it.info, it.mp, self.mp
         targets = [(f, r) for f, r in zip(it.files(mp), it.ranks) if f in self.writers]
         nbytes = info.nbytes
         if nbytes == 0:
             for f, _ in targets:
                 self._send(f, None, self.writers[f].write_raw, name, memoryview(b""))
             return
-        if it.name.split == 0:
+        if it.scale is not None:
+            self._dequant(it, targets)
+        elif it.split == 0:
             part = nbytes // mp  # rank r's rows are one contiguous byte range of the input
             for f, r in targets:
                 self._stream(info, name, r * part, (r + 1) * part, [f])
-        elif it.name.split == 1:
+        elif it.split == 1:
             assert len(info.shape) == 2, info
             row = nbytes // info.shape[0]
             step = max(1, self.ring.buffers[0].numel() // row)
@@ -429,6 +468,35 @@ class _Pipe:
                     self.advance((r1 - r0) * (row // mp))
         else:  # replicated, or a whole expert: the same bytes to every target
             self._stream(info, name, 0, nbytes, [f for f, _ in targets])
+
+    def _dequant(self, it: Item, targets: list[tuple[str, int]]) -> None:
+        """An FP8 weight split on dim 0 and written as BF16 (DeepSeek-V4's ``wo_a``): each rank's rows are read in
+        whole 128-row blocks and dequantized with their scale rows on that rank's writer thread."""
+        from dsv3_tools.kernels.fp4 import e8m0_to_f32
+
+        info, b0 = it.info, BLOCK
+        rows, cols = info.shape
+        scale = self.ck.read_info(it.scale)
+        scale = e8m0_to_f32(scale) if it.scale.dtype == "F8_E8M0" else scale.float()
+        per = rows // self.mp
+        step = max(b0, min(per, self.ring.buffers[0].numel() // cols) // b0 * b0)
+        for f, r in targets:
+            for r0 in range(r * per, (r + 1) * per, step):
+                r1 = min((r + 1) * per, r0 + step)
+                slot, buf = self._take(1)
+                raw = self.ck.read_bytes(info, r0 * cols, r1 * cols, out=buf).view(r1 - r0, cols)
+                self.read += (r1 - r0) * cols
+                self._send(f, slot, self._dequant_write, f, it.mp, raw, scale[r0 // b0 : r1 // b0])
+                self.advance((r1 - r0) * cols * 2)
+
+    def _dequant_write(self, f: str, name: str, raw: torch.Tensor, s: torch.Tensor) -> None:
+        import torch
+
+        from dsv3_tools.kernels.cpu_dequant import dequant_fp8
+
+        self.writers[f].write_part(
+            name, memoryview(dequant_fp8(raw, s, (BLOCK, BLOCK)).view(torch.uint8).reshape(-1).numpy())
+        )
 
     def _gather_write(self, f: str, r: int, name: str, chunk: torch.Tensor) -> None:
         out = self.gather[f][: chunk.shape[0] * chunk.shape[2]].view(chunk.shape[0], chunk.shape[2])

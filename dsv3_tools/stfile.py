@@ -48,7 +48,12 @@ _TORCH_NAMES = {
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
     "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",
 }
+# Sub-byte dtypes: bits per element. safetensors (0.7, 0.8) writes a torch ``float4_e2m1fn_x2`` tensor of shape
+# [..., n] as dtype ``F4`` with the logical shape [..., 2n] (two FP4 values per byte); its byte size is
+# numel * bits / 8, which must be a whole number. DeepSeek-V4's official converter writes FP4 experts this way.
+SUBBYTE_BITS: dict[str, int] = {"F4": 4}
 
 
 def torch_dtype(name: str):
@@ -56,6 +61,15 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, _TORCH_NAMES[name])
+
+
+def torch_shape(dtype: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the torch tensor holding a safetensors tensor: the logical shape, except for packed sub-byte
+    dtypes (``F4`` [..., 2n] is a ``float4_e2m1fn_x2`` tensor [..., n])."""
+    if dtype in SUBBYTE_BITS and shape:
+        per_byte = 8 // SUBBYTE_BITS[dtype]
+        return (*shape[:-1], shape[-1] // per_byte)
+    return tuple(shape)
 
 
 def dtype_name(dtype) -> str:
@@ -68,7 +82,13 @@ def dtype_name(dtype) -> str:
 
 
 def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of safetensors ``dtype`` and ``shape``."""
+    """Bytes of a tensor of safetensors ``dtype`` and ``shape`` (``ValueError`` for a sub-byte tensor that does not
+    fill whole bytes)."""
+    if dtype in SUBBYTE_BITS:
+        bits = SUBBYTE_BITS[dtype] * math.prod(shape)
+        if bits % 8 or (shape and shape[-1] % (8 // SUBBYTE_BITS[dtype])):
+            raise ValueError(f"{dtype}{list(shape)} does not fill whole bytes")
+        return bits // 8
     return DTYPE_SIZE[dtype] * math.prod(shape)
 
 
@@ -142,9 +162,13 @@ def parse_header(raw: bytes, size: int | None, rel: str) -> FileHeader:
             b, en = int(b), int(en)
         except (KeyError, TypeError, ValueError):
             raise HeaderError("malformed header entry", file=rel, tensor=name) from None
-        if dtype not in DTYPE_SIZE:
+        if dtype not in DTYPE_SIZE and dtype not in SUBBYTE_BITS:
             raise HeaderError(f"unknown dtype {dtype!r}", file=rel, tensor=name)
-        if any(s < 0 for s in shape) or b < 0 or en - b != nbytes(dtype, shape):
+        try:
+            size_ok = en - b == nbytes(dtype, shape)
+        except ValueError:
+            size_ok = False
+        if any(s < 0 for s in shape) or b < 0 or not size_ok:
             raise HeaderError(f"data size {en - b} does not match {dtype}{list(shape)}", file=rel, tensor=name)
         spans.append((b, en, name))
         tensors[name] = TensorInfo(name, rel, dtype, shape, data_start + b, data_start + en)

@@ -16,6 +16,9 @@ tokens with ids inside ``vocab_size``, plus ``tokenizer_config.json`` and ``gene
   ``tokenizer.json`` loaded as ``PreTrainedTokenizerFast``, with Kimi-K2's own chat template and its
   ``generation_config.json`` (EOS ``<|im_end|>``, the end of an assistant turn).
 - DeepSeek-V2 (``deepseek_v2``): the V3 tokenizer with DeepSeek-V2-Chat's template (``User: ... Assistant:``).
+- DeepSeek-V4 (``deepseek_v4``): ``PreTrainedTokenizerFast``, BOS not added by the tokenizer, **no chat template**
+  (the release ships its prompt encoder as Python, ``encoding/encoding_dsv4.py``, not reproduced here), its
+  ``generation_config.json`` (sampling at temperature 1.0, top-p 1.0).
 
 The template texts are package data (``chat_templates/*.jinja``). The special tokens of the DeepSeek families are
 placed at the top of the vocabulary (their real ids are not reproduced); the ordinary vocabulary (bytes, a few
@@ -27,10 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig
 from .errors import ConfigError
 from .writer import write_json_atomic
+
+if TYPE_CHECKING:
+    from .v4.config import V4Config
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
@@ -87,10 +94,19 @@ def _deepseek(template: str | None) -> Arrangement:
     )  # fmt: skip
 
 
+# DeepSeek-V4 (docs/format-v4.md 6): PreTrainedTokenizerFast, no BOS added by the tokenizer (the prompt encoder
+# writes it), no chat template (the release ships encoding/encoding_dsv4.py instead), 1M context.
+_DEEPSEEK_V4 = Arrangement(
+    BOS, EOS, ("<｜User｜>", "<｜Assistant｜>"), None, "PreTrainedTokenizerFast", False,
+    generation={"do_sample": True, "temperature": 1.0, "top_p": 1.0},
+    extra={"legacy": True, "model_max_length": 1048576, "sp_model_kwargs": {}, "unk_token": None},
+)  # fmt: skip
+
 ARRANGEMENTS = {
     "deepseek_v3": _deepseek("deepseek-v3.jinja"),
     "deepseek_v32": _deepseek(None),
     "deepseek_v2": _deepseek("deepseek-v2.jinja"),
+    "deepseek_v4": _DEEPSEEK_V4,
     "kimi_k2": Arrangement(
         "[BOS]",
         "[EOS]",
@@ -255,7 +271,7 @@ def generation_config(a: Arrangement, specials: dict[str, int]) -> dict:
     }
 
 
-def write_tokenizer_files(out: str | Path, cfg: ModelConfig) -> dict[str, int]:
+def write_tokenizer_files(out: str | Path, cfg: ModelConfig | V4Config) -> dict[str, int]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` for ``cfg``'s family
     into ``out``; return the special tokens' ids."""
     out = Path(out)

@@ -29,7 +29,7 @@ from .disk import LOCK_NAME
 from .errors import OutputError, disk_error
 from .layout import MANIFEST_NAME
 from .pipeline import Stopped, WriteBehind, first_error, get_until
-from .stfile import Entry, dtype_name, header_entries, parse_header, plan_header
+from .stfile import Entry, dtype_name, header_entries, parse_header, plan_header, torch_shape
 
 PARTIAL_SUFFIX = ".partial"
 TOOL_VERSION = __version__  # recorded in every manifest
@@ -243,7 +243,7 @@ class SafetensorsWriter:
         if self._next >= len(self.entries) or self.entries[self._next][0] != name:
             raise AssertionError(f"write order: expected {self.next_name!r}, got {name!r}")
         _, dtype, shape = self.entries[self._next]
-        if dtype_name(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
+        if dtype_name(tensor.dtype) != dtype or tuple(tensor.shape) != torch_shape(dtype, tuple(shape)):
             raise AssertionError(f"{name}: planned {dtype}{list(shape)}, got {tensor.dtype}{list(tensor.shape)}")
         self.write_raw(name, tensor_bytes(tensor))
 

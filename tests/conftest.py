@@ -37,3 +37,19 @@ def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("ck") / "tiny-bf16"
     synth(p, "tiny", dtype="bf16", seed=0, shards=2)
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_v4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DeepSeek-V4 geometry in the released format (FP4 experts, E8M0 scales), one file per layer. Read-only."""
+    p = tmp_path_factory.mktemp("ck") / "tiny-v4"
+    synth(p, "tiny-v4", seed=0)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_v4_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DeepSeek-V4 geometry in the -Base format (FP8 experts, F32 scales). Read-only."""
+    p = tmp_path_factory.mktemp("ck") / "tiny-v4-base"
+    synth(p, "tiny-v4", dtype="fp8", seed=1)
+    return p

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dsv3_tools.config import ModelConfig, builtin_config_path, builtin_names
+from dsv3_tools.config import FAMILY_TYPES, ModelConfig, builtin_config_path, builtin_names
 from dsv3_tools.errors import ConfigError
 
 
@@ -15,6 +15,8 @@ def test_builtins_parse_and_round_trip() -> None:
     names = builtin_names()
     assert {"tiny", "deepseek-v3", "deepseek-v3.1", "deepseek-v2-lite", "deepseek-v2", "kimi-k2"} <= set(names)
     for n in names:
+        if json.loads(builtin_config_path(n).read_text())["model_type"] not in FAMILY_TYPES:
+            continue  # DeepSeek-V4 geometries have their own config class (tests/test_v4_names.py)
         cfg = ModelConfig.builtin(n)
         again = ModelConfig.from_dict(cfg.to_hf_dict())
         assert again == cfg, n

@@ -205,6 +205,7 @@ def _checked_plan(cfg, opts: Options, device: str, dtype, world: int, batch: int
 def run_generate(opts: Options, ui: UI) -> int:
     """Run ``generate``; returns the exit code (bad input raises ``Dsv3Error``)."""
     from ..checkpoint import open_checkpoint
+    from ..family import is_v4
     from ..runtime import init_distributed, resolve_device, resolve_dtype, resolve_engine
     from .batch import batches
 
@@ -217,6 +218,8 @@ def run_generate(opts: Options, ui: UI) -> int:
     if opts.gemm not in ("bf16", "fp8"):
         raise Dsv3Error(f"--gemm must be bf16 or fp8, got {opts.gemm!r}")
     ck = open_checkpoint(opts.ckpt)  # a bad path answers before torch is imported
+    if is_v4(ck.config):
+        raise Dsv3Error(f"{opts.ckpt}: generate does not run DeepSeek-V4 yet (its model is not implemented here)")
     import torch
 
     from ..model import load_model

@@ -1,6 +1,7 @@
 """Structural checks of an opened checkpoint, beyond what ``open_checkpoint`` collects (which are included): the MP
 folder's ModelArgs against its HF config, replicated tensors identical across rank files, block scales positive and
-finite, and with ``--checksums`` every file against ``dsv3-manifest.json`` and the Hub's download metadata."""
+finite (DeepSeek-V4: E8M0 scales not NaN, decoded weights finite, hash routing ids in range; ``v4/validate.py``), and
+with ``--checksums`` every file against ``dsv3-manifest.json`` and the Hub's download metadata."""
 
 from __future__ import annotations
 
@@ -13,9 +14,14 @@ import torch
 from .. import names as N
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
+from ..family import is_v4
 from ..layout import MANIFEST_NAME, MP_MTP_RE, MP_RE, mp_config_files
 from ..modelargs import demo_model_args
 from ..runtime import dist_info
+from ..v4.modelargs import demo_model_args as v4_model_args
+from ..v4.modelargs import differences as v4_differences
+from ..v4.validate import check_values as check_v4_values
+from ..v4.validate import resolve_format
 from ..writer import read_manifest, sha256_file
 
 Progress = Callable[[int], None]
@@ -78,6 +84,9 @@ def _check_model_args(ck: Checkpoint) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
         return [problem("config_args", f"{f} is not a JSON object", f)]
     cfg = ck.config
+    if is_v4(cfg):
+        want = v4_model_args(cfg, resolve_format(cfg, ck.tensors), mtp=any(n.startswith("mtp.") for n in ck.tensors))
+        return [problem("config_args", m, f) for m in v4_differences(args, want)]
     # The geometry keys of the demo's ModelArgs, as shard writes them (max_seq_len is the user's to choose; dtype and
     # scale_fmt are checked below).
     want = {k: v for k, v in demo_model_args(cfg).items() if k not in ("max_seq_len", "dtype", "scale_fmt")}
@@ -117,7 +126,7 @@ def _check_replicas(ck: Checkpoint, limit: int | None) -> list[dict]:
         if len(parts) < 2:
             continue
         try:
-            split = N.parse_hf(name).split
+            split = ck.split_of(name)
         except CheckpointError:
             continue
         if split is not None or (limit is not None and parts[0].info.nbytes > limit):
@@ -136,6 +145,8 @@ def _check_scale_values(ck: Checkpoint) -> list[dict]:
     """Block scales are positive and finite (quantization never makes anything else). Under torchrun each rank
     reads only its own file."""
     rank, world = dist_info()
+    if is_v4(ck.config):
+        return check_v4_values(ck, None if world == 1 else {rank})
     out = []
     for name in ck.tensors:
         if not N.is_scale(name):
