@@ -70,6 +70,13 @@ def synth(
     experts: Annotated[int | None, typer.Option(help="Reduce the routed experts to this many.")] = None,
     mtp: MtpOpt = Mtp.keep,
     scale_fmt: Annotated[str | None, typer.Option(help="ue8m0 for power-of-two scales (V3.1 style).")] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="random (chaotic: the harsh case for verify) or trained (small residual branches, norms near 1, "
+            "router margins, moderate attention: as stable as a trained network)."
+        ),
+    ] = "random",
     json_: JsonOpt = False,
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
@@ -86,6 +93,7 @@ def synth(
         experts=experts,
         mtp=None if mtp == Mtp.keep else 0,
         scale_fmt=scale_fmt,
+        profile=profile,
     )
     with report.byte_progress(plan.bytes, "synth", enabled=not json_) as advance:
         r = run_synth(plan, progress=advance)
