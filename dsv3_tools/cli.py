@@ -214,7 +214,16 @@ def verify(
     max_kl: Annotated[float | None, typer.Option(help="Override: maximum KL of any position.")] = None,
     min_cos: Annotated[float | None, typer.Option(help="Override: minimum cosine similarity of any position.")] = None,
     max_rel_diff: Annotated[float | None, typer.Option(help="Override: max |diff| / logit scale.")] = None,
-    hidden_tol: Annotated[float | None, typer.Option(help="Override: hidden-state error naming a layer.")] = None,
+    hidden_tol: Annotated[
+        float | None, typer.Option(help="Override: free-run hidden-state error naming a layer (no layer inputs).")
+    ] = None,
+    max_layer_err: Annotated[
+        float | None,
+        typer.Option(help="Override: a layer on the reference's inputs, worst position's error / its update."),
+    ] = None,
+    max_gain_dev: Annotated[
+        float | None, typer.Option(help="Override: a layer on the reference's inputs, maximum |gain - 1|.")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check a checkpoint's structure and compare its logits with a reference. Exit 0 pass, 1 fail, 2 bad input."""
@@ -230,6 +239,7 @@ def verify(
     ids = read_tokens_file(tokens) if tokens is not None else None
     overrides = {"min_top1": min_top1, "max_kl_mean": max_kl_mean, "max_kl": max_kl, "min_cos": min_cos}
     overrides |= {"max_rel_diff": max_rel_diff, "hidden_tol": hidden_tol}
+    overrides |= {"max_layer_err": max_layer_err, "max_gain_dev": max_gain_dev}
     total = planned_bytes(ckpt, reference, checksums)
     with report.byte_progress(total, "verify", enabled=lead and not json_) as advance:
         r = verify_checkpoint(

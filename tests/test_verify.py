@@ -22,7 +22,7 @@ from dsv3_tools.errors import Dsv3Error, ShardingError
 from dsv3_tools.shard import shard_checkpoint
 from dsv3_tools.synth import synth
 from dsv3_tools.verify import DEFAULT_PROMPTS, verify_checkpoint
-from dsv3_tools.verify.metrics import TIERS, compare_logits, summarize
+from dsv3_tools.verify.metrics import TIERS, compare_logits, layer_stats, summarize
 from dsv3_tools.verify.reference import Logits, ReferenceError, load_reference, save_reference
 
 # ---------------------------------------------------------------------- helpers: the test's own byte surgery
@@ -66,6 +66,14 @@ def swap_names(file: Path, a: str, b: str) -> None:
     tmp = '"' + "\x00" * len(a) + '"'
     hdr = hdr.replace(f'"{a}"', tmp).replace(f'"{b}"', f'"{a}"').replace(tmp, f'"{b}"')
     file.write_bytes(raw[:8] + hdr.encode() + raw[8 + n :])
+
+
+def open_rows(folder: Path, name: str) -> torch.Tensor:
+    """A whole tensor, read with the safetensors library (not the project's reader)."""
+    from safetensors import safe_open
+
+    with safe_open(str(_file_of(folder, name)), "pt") as f:
+        return f.get_tensor(name)
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -183,19 +191,26 @@ def test_nan_logits_fail_every_tier() -> None:
 def test_reference_file_roundtrip_and_rejections(tiny_fp8: Path, ref_file: Path, tmp_path: Path) -> None:
     ref = load_reference(ref_file)
     assert ref.meta["checkpoint"]["weights"] == "fp8" and ref.meta["run"]["gemm"] == "bf16"
-    assert ref.has_mtp and len(ref.prompts) == 3 and len({len(p.ids) for p in ref.prompts}) == 3
+    assert ref.has_mtp and ref.has_inputs and len(ref.prompts) == 3 and len({len(p.ids) for p in ref.prompts}) == 3
     L = 3  # tiny: 3 main layers -> embedding + 3 hidden-state rows
+    embed = open_rows(tiny_fp8, "model.embed_tokens.weight")
     for p in ref.prompts:
         T = p.ids.numel()
         assert p.logits.full.shape == (T, 512) and p.mtp.full.shape == (T - 1, 512)
         assert p.hidden_norm.shape == (L + 1, T) and p.hidden_proj.shape == (L + 1, T, 32)
         assert torch.isfinite(p.hidden_norm).all()
+        # The stored residual stream: row 0 the embedding rows (read here with safetensors), each row's norm the
+        # stored summary.
+        assert p.hidden.shape == (L + 1, T, 320) and p.hidden.dtype == torch.float32
+        assert torch.equal(p.hidden[0], embed[p.ids].float())
+        assert torch.allclose(p.hidden.norm(dim=-1), p.hidden_norm, rtol=1e-6, atol=0)
     again = tmp_path / "copy.safetensors"
     save_reference(again, ref)
     back = load_reference(again)
-    assert back.meta == ref.meta | {"format": back.meta["format"], "format_version": 1, "prompts": len(ref.prompts)}
+    assert back.meta == ref.meta | {"format": back.meta["format"], "format_version": 2, "prompts": len(ref.prompts)}
     for a, b in zip(ref.prompts, back.prompts):
         assert torch.equal(a.logits.full, b.logits.full) and torch.equal(a.hidden_proj, b.hidden_proj)
+        assert torch.equal(a.hidden, b.hidden)
     assert not list(tmp_path.glob(".*partial"))
     with pytest.raises(ReferenceError, match="not a dsv3-tools verify reference"):
         load_reference(next(tiny_fp8.glob("*.safetensors")))
@@ -249,6 +264,8 @@ def test_planted_fault_fails_and_is_named(
     assert r.verdict == "fail" and r.exit_code == 1 and r.tier == "exact", (r.tier, r.tier_reasons)
     assert r.problems == []  # structurally intact: only the numbers tell
     assert r.divergence.layer == layer, (r.divergence, fault)
+    # Teacher-forced, the other layers reproduce the reference exactly: only the faulty one fails.
+    assert [x.layer for x in r.layers if x.failures] == [layer], [(x.where, x.failures) for x in r.layers]
     # Against the original folder: the same verdict, and the tensor named.
     r = verify_checkpoint(bad, reference=tiny_fp8, tokens=toks)
     assert r.verdict == "fail" and r.divergence.layer == layer
@@ -423,6 +440,56 @@ def test_float_tier_for_other_arithmetic(tiny_fp8: Path, ref_file: Path, tmp_pat
     # Forcing a tier and overriding a limit.
     r = verify_checkpoint(tiny_fp8, reference=ref_file, dtype="float64", tier="exact", thresholds={"max_kl": 1.0})
     assert r.tier == "exact" and r.thresholds["max_kl"] == 1.0
+
+
+# ---------------------------------------------------------------------- teacher-forced layers
+
+
+def test_layer_stats_match_hand_computation() -> None:
+    f64 = torch.float64
+    x = [torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=f64), torch.tensor([[0.0, 0, 2]], dtype=f64)]
+    upd = [torch.tensor([[1.0, 0, 0], [0, 2, 0]], dtype=f64), torch.tensor([[0.0, 0, 1]], dtype=f64)]
+    got = [torch.tensor([[1.1, 0, 0], [0, 2, 0.3]], dtype=f64), torch.tensor([[0.0, 0, 1]], dtype=f64)]
+    s = layer_stats(4, x, [a + u for a, u in zip(x, upd)], [a + g for a, g in zip(x, got)])
+    # By hand: errors 0.1, 0.3, 0 at the three positions; updates of squared norms 1, 4, 1.
+    assert s.layer == 4 and s.positions == 3 and not s.identical
+    assert s.rel == pytest.approx(math.sqrt((0.01 + 0.09) / 6), rel=1e-12)
+    assert s.rel_max == pytest.approx(0.3 / math.sqrt(6 / 3), rel=1e-12) and (s.prompt, s.position) == (0, 1)
+    assert s.gain == pytest.approx((1.1 + 4 + 1) / 6, rel=1e-12)
+    th = TIERS["quantized"].override(max_layer_err=0.22, max_gain_dev=0.01)
+    assert s.failures(th) == [f"gain {s.gain:.5f}: |gain - 1| > 1e-02"]
+    assert len(s.failures(th.override(max_layer_err=0.2))) == 2
+    nan = layer_stats(0, x[:1], x[:1], [torch.full((2, 3), float("nan"))])
+    assert nan.failures(TIERS["quantized"]) and len(nan.failures(TIERS["quantized"])) == 2
+
+
+# The fault matrix's hardest corner on the well-conditioned model (the whole matrix: the benchmark, docs/verify.md):
+# the noisiest clean kinds, against the fault each layer metric barely catches (norm x1.01 by the gain, 16 rows of
+# one expert negated by the worst position) and a scale fault.
+def test_format_1_reference_still_reads(tiny_fp8: Path, ref_file: Path, tmp_path: Path) -> None:
+    """A reference written before the layer inputs (format 1) still judges the logits and localizes from the
+    summaries, and says how to get per-layer checks; an unknown format is refused saying to save it again."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ref_file), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".hidden.full")}
+    old = tmp_path / "v1.safetensors"
+    v1 = json.loads(meta["dsv3_verify"]) | {"format_version": 1}
+    save_file(tensors, str(old), metadata=meta | {"dsv3_verify": json.dumps(v1)})
+    r = verify_checkpoint(tiny_fp8, reference=old)
+    assert r.verdict == "pass" and r.layers == [] and r.overall.identical
+    assert any("format 1" in w and "save the reference again" in w for w in r.warnings), r.warnings
+    bad = copy(tiny_fp8, tmp_path / "bad")
+    name, change, layer = FAULTS["expert perturbed"]
+    patch(_file_of(bad, name), name, change)
+    r = verify_checkpoint(bad, reference=old)
+    assert r.verdict == "fail" and r.divergence.layer == layer and r.layers == []
+    future = tmp_path / "v9.safetensors"
+    save_file(tensors, str(future), metadata=meta | {"dsv3_verify": json.dumps(v1 | {"format_version": 9})})
+    with pytest.raises(ReferenceError, match="reference format 9 .*save the reference again with this version"):
+        verify_checkpoint(tiny_fp8, reference=future)
 
 
 # ---------------------------------------------------------------------- inputs and the CLI

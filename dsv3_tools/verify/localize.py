@@ -1,5 +1,6 @@
-"""Where a failing comparison goes wrong: the first diverging layer (from the hidden-state summaries), and against
-a reference checkpoint the tensors that differ and the files holding them."""
+"""Where a failing comparison goes wrong: the first layer failing on the reference's inputs (teacher-forced), or
+without those the first diverging layer of the free run (from the hidden-state summaries), and against a reference
+checkpoint the tensors that differ and the files holding them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from .metrics import Thresholds, hidden_errors
 from .reference import PromptRecord
-from .result import Divergence, TensorDiff
+from .result import Divergence, LayerResult, TensorDiff
 from .run import has_mtp_tensors
 
 
@@ -41,6 +42,24 @@ def localize(
             return Divergence(k - 1, label(k), e, where[k][0], where[k][1], errs)
     last = "after the last layer (model.norm / lm_head): no hidden-state row exceeds the tolerance"
     return Divergence(None, last, max((e for e in errs if e == e), default=0.0), None, None, errs)
+
+
+def localize_layers(layers: list[LayerResult], logits_fail: bool) -> Divergence:
+    """The first main layer failing its teacher-forced check (the report lists every one); when none fails, after
+    the last layer (final norm / head) if the main logits fail, else the MTP module if it fails alone (its forced
+    run also goes through the final norm, so a final-norm fault fails it too: the main logits tell first)."""
+    errs = [r.stats.rel_max if r.stats is not None else r.logits.kl_max for r in layers]
+    for r in layers:
+        if r.failures and r.stats is not None:
+            return Divergence(r.layer, r.where, r.stats.rel_max, r.stats.prompt, r.stats.position, errs)
+    last = "after the last layer (model.norm / lm_head): every layer passes on the reference's inputs"
+    worst = max((e for e, r in zip(errs, layers) if e == e and r.stats is not None), default=0.0)
+    if logits_fail:
+        return Divergence(None, last, worst, None, None, errs)
+    for r in layers:
+        if r.failures:
+            return Divergence(r.layer, r.where, r.logits.kl_max, None, None, errs)
+    return Divergence(None, last, worst, None, None, errs)
 
 
 def _effective(ck: Checkpoint, name: str) -> torch.Tensor:
