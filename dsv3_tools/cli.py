@@ -229,7 +229,7 @@ def verify(
     """Check a checkpoint's structure and compare its logits with a reference. Exit 0 pass, 1 fail, 2 bad input."""
     from . import report
     from .runtime import init_distributed, resolve_device, resolve_engine
-    from .verify import planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
+    from .verify import check_limits, planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
 
     device = resolve_device(device)
     engine = resolve_engine(engine, device)
@@ -240,6 +240,7 @@ def verify(
     overrides = {"min_top1": min_top1, "max_kl_mean": max_kl_mean, "max_kl": max_kl, "min_cos": min_cos}
     overrides |= {"max_rel_diff": max_rel_diff, "hidden_tol": hidden_tol}
     overrides |= {"max_layer_err": max_layer_err, "max_gain_dev": max_gain_dev}
+    check_limits(overrides)  # before anything is read or drawn
     total = planned_bytes(ckpt, reference, checksums)
     with report.byte_progress(total, "verify", enabled=lead and not json_) as advance:
         r = verify_checkpoint(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -22,7 +23,7 @@ from dsv3_tools.errors import Dsv3Error, ShardingError
 from dsv3_tools.shard import shard_checkpoint
 from dsv3_tools.synth import synth
 from dsv3_tools.verify import DEFAULT_PROMPTS, verify_checkpoint
-from dsv3_tools.verify.metrics import TIERS, compare_logits, layer_stats, summarize
+from dsv3_tools.verify.metrics import TIERS, Thresholds, compare_logits, layer_stats, summarize
 from dsv3_tools.verify.reference import Logits, ReferenceError, load_reference, save_reference
 
 # ---------------------------------------------------------------------- helpers: the test's own byte surgery
@@ -490,6 +491,47 @@ def test_format_1_reference_still_reads(tiny_fp8: Path, ref_file: Path, tmp_path
     save_file(tensors, str(future), metadata=meta | {"dsv3_verify": json.dumps(v1 | {"format_version": 9})})
     with pytest.raises(ReferenceError, match="reference format 9 .*save the reference again with this version"):
         verify_checkpoint(tiny_fp8, reference=future)
+
+
+BAD_LIMITS = [
+    ({"min_cos": 2.0}, "--min-cos must be in [-1, 1], got 2.0"),
+    ({"min_cos": -1.5}, "--min-cos must be in [-1, 1], got -1.5"),
+    ({"min_top1": 1.01}, "--min-top1 must be in [0, 1], got 1.01"),
+    ({"max_kl": -1e-3}, "--max-kl must be >= 0, got -0.001"),
+    ({"max_kl_mean": float("nan")}, "--max-kl-mean must be a number, got nan"),
+    ({"max_rel_diff": -1.0}, "--max-rel-diff must be >= 0, got -1.0"),
+    ({"hidden_tol": -0.5}, "--hidden-tol must be >= 0, got -0.5"),
+    ({"max_layer_err": -0.1}, "--max-layer-err must be >= 0, got -0.1"),
+    ({"max_gain_dev": -1.0}, "--max-gain-dev must be >= 0, got -1.0"),
+]
+
+
+@pytest.mark.parametrize("limits,message", BAD_LIMITS, ids=[next(iter(x)) for x, _ in BAD_LIMITS])
+def test_limits_outside_their_range_are_refused(limits: dict, message: str, tiny_fp8: Path, ref_file: Path) -> None:
+    with pytest.raises(Dsv3Error) as e:
+        verify_checkpoint(tiny_fp8, reference=ref_file, thresholds=limits)
+    assert str(e.value) == message
+    full = Thresholds(**(TIERS["float"].as_dict() | limits))
+    with pytest.raises(Dsv3Error, match=re.escape(message)):
+        verify_checkpoint(tiny_fp8, reference=ref_file, thresholds=full)
+
+
+def test_limits_at_the_edges_of_their_range_are_accepted(tiny_fp8: Path, ref_file: Path) -> None:
+    edges = {"min_cos": -1.0, "min_top1": 0.0, "max_kl": float("inf"), "max_kl_mean": 0.0, "max_layer_err": 0.0}
+    r = verify_checkpoint(tiny_fp8, reference=ref_file, thresholds=edges)
+    assert r.verdict == "pass" and r.thresholds["min_cos"] == -1.0  # bit-identical: zero limits hold
+    r = verify_checkpoint(tiny_fp8, reference=ref_file, thresholds={"min_cos": 1.0, "min_top1": 1.0})
+    assert (r.thresholds["min_cos"], r.thresholds["min_top1"]) == (1.0, 1.0) and r.overall.top1 == 1.0
+
+
+def test_cli_refuses_a_limit_outside_its_range(tiny_fp8: Path, ref_file: Path) -> None:
+    for args, message in (
+        (["--min-cos", "2"], "--min-cos must be in [-1, 1], got 2.0"),
+        (["--max-kl", "-1"], "--max-kl must be >= 0, got -1.0"),
+        (["--max-gain-dev", "-0.5"], "--max-gain-dev must be >= 0, got -0.5"),
+    ):
+        p = _cli(str(tiny_fp8), "--reference", str(ref_file), "--device", "cpu", *args)
+        assert p.returncode == 2 and p.stderr == f"error: {message}\n" and p.stdout == "", (args, p.stderr)
 
 
 # ---------------------------------------------------------------------- inputs and the CLI

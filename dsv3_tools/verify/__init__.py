@@ -37,7 +37,7 @@ from .baseline import Baseline, Source, baseline, open_lenient, open_source
 from .forcing import Forcing
 from .localize import compare_tensors, files_of, localize, localize_layers, localize_nonfinite
 from .memory import memory_plan
-from .metrics import TIERS, Thresholds, compare_logits, summarize
+from .metrics import TIERS, Thresholds, compare_logits, limit_problem, summarize
 from .prompts import DEFAULT_PROMPTS, check_ids, default_ids, read_prompts_file, read_tokens_file, tokenize
 from .reference import Logits, PromptRecord, Reference, make_projection
 from .reference import save_reference as write_reference
@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "MemoryPlan",
     "VerifyReport",
+    "check_limits",
     "dist_info",
     "planned_bytes",
     "read_prompts_file",
@@ -86,12 +87,24 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return d
 
 
+def check_limits(thresholds: Thresholds | dict | None) -> None:
+    """Refuse unknown limits and limits outside their range (one line naming the option), before anything runs."""
+    if isinstance(thresholds, Thresholds):
+        values = {k: v for k, v in thresholds.as_dict().items() if k != "tier"}
+    else:
+        values = dict(thresholds or {})
+        unknown = set(values) - {f.name for f in fields(Thresholds)} | ({"tier"} & set(values))
+        if unknown:
+            raise Dsv3Error(f"unknown threshold(s): {', '.join(sorted(unknown))}")
+    for k, v in values.items():
+        why = limit_problem(k, v)
+        if why:
+            raise Dsv3Error(why)
+
+
 def _thresholds(thresholds: Thresholds | dict | None, tier: str) -> Thresholds:
     if isinstance(thresholds, Thresholds):
         return thresholds
-    unknown = set(thresholds or {}) - {f.name for f in fields(Thresholds)} | ({"tier"} & set(thresholds or {}))
-    if unknown:
-        raise Dsv3Error(f"unknown threshold(s): {', '.join(sorted(unknown))}")
     return TIERS[tier].override(**(thresholds or {}))
 
 
@@ -136,6 +149,7 @@ def verify_checkpoint(
         raise Dsv3Error(f"--gemm must be bf16 or fp8 and --engine torch or triton (got {gemm!r}, {engine!r})")
     if topk is not None and topk < 1:
         raise Dsv3Error("--topk must be >= 1")
+    check_limits(thresholds)
     rank, world = dist_info()
     ck, cfg_problems = open_lenient(ckpt)
     rep = VerifyReport(str(ckpt), ck.layout, ck.world)

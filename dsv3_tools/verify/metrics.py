@@ -88,6 +88,32 @@ TIERS: dict[str, Thresholds] = {
     ),
 }  # fmt: skip
 
+# The range each limit must lie in (a limit outside it is a typo, never a meaningful setting).
+LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "min_top1": (0.0, 1.0),
+    "min_cos": (-1.0, 1.0),
+    **{
+        k: (0.0, math.inf)
+        for k in (
+            "max_kl_mean", "max_kl", "max_rel_diff", "hidden_tol", "weight_tol", "max_layer_err", "max_gain_dev",
+        )
+    },
+}  # fmt: skip
+
+
+def limit_problem(name: str, value: float | None) -> str | None:
+    """Why ``value`` cannot be the limit ``name`` (a one-line message naming the option), or None when it can."""
+    if value is None:
+        return None
+    lo, hi = LIMIT_RANGES[name]
+    if isinstance(value, float) and math.isnan(value):
+        return f"--{name.replace('_', '-')} must be a number, got nan"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        where = f"[{lo:g}, {hi:g}]" if hi < math.inf else f">= {lo:g}"
+        return f"--{name.replace('_', '-')} must be {'in ' if hi < math.inf else ''}{where}, got {value!r}"
+    return None
+
+
 # ---------------------------------------------------------------------- logits
 
 
