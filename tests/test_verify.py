@@ -267,6 +267,10 @@ def test_planted_fault_fails_and_is_named(
     assert r.divergence.layer == layer, (r.divergence, fault)
     # Teacher-forced, the other layers reproduce the reference exactly: only the faulty one fails.
     assert [x.layer for x in r.layers if x.failures] == [layer], [(x.where, x.failures) for x in r.layers]
+    # The probe covers one tensor per layer; the report says so instead of "same effective weights".
+    assert not any("same effective weights" in x for x in r.tier_reasons), r.tier_reasons
+    assert any(x.startswith("probe: ") and "other tensors are judged by their layers' outputs" in x
+               for x in r.tier_reasons), r.tier_reasons  # fmt: skip
     # Against the original folder: the same verdict, and the tensor named.
     r = verify_checkpoint(bad, reference=tiny_fp8, tokens=toks)
     assert r.verdict == "fail" and r.divergence.layer == layer
@@ -467,6 +471,14 @@ def test_layer_stats_match_hand_computation() -> None:
 # The fault matrix's hardest corner on the well-conditioned model (the whole matrix: the benchmark, docs/verify.md):
 # the noisiest clean kinds, against the fault each layer metric barely catches (norm x1.01 by the gain, 16 rows of
 # one expert negated by the worst position) and a scale fault.
+def test_unrelated_weights_are_named_different_not_requantized(other_seed: Path, ref_file: Path) -> None:
+    r = verify_checkpoint(other_seed, reference=ref_file)
+    assert r.verdict == "fail"
+    first = r.tier_reasons[0]
+    assert first.startswith("different weights: 18 of 18 probed weight blocks differ") and "re-quantized" not in first
+    assert "not the reference's model" in first, r.tier_reasons
+
+
 def test_format_1_reference_still_reads(tiny_fp8: Path, ref_file: Path, tmp_path: Path) -> None:
     """A reference written before the layer inputs (format 1) still judges the logits and localizes from the
     summaries, and says how to get per-layer checks; an unknown format is refused saying to save it again."""
