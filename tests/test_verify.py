@@ -1,11 +1,15 @@
 """``verify``: planted faults are caught and named, clean conversions pass, metrics match hand computations.
 
 Faults are planted by rewriting bytes in copies of the session's synthetic checkpoints, located by the test's own
-reading of the safetensors header (not the project's reader). Metrics are checked against plain-Python arithmetic.
+reading of the safetensors header (not the project's reader; the fault-matrix subset uses
+``benchmarks/bench_verify_matrix.py``'s planting, which reads headers the same way). Metrics are checked against
+plain-Python arithmetic. Quantized-tier comparisons run on the well-conditioned (``trained``) profile, where that
+tier's limits are calibrated; the random-weight model is the harsh case (docs/verify.md).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -119,6 +123,15 @@ def ref_file(tiny_fp8: Path, toks: list[list[int]], tmp_path_factory: pytest.Tem
 def mp2(tiny_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("mp") / "mp2"
     shard_checkpoint(tiny_fp8, p, mp=2, mtp="keep")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained_ref(tiny_trained_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The well-conditioned FP8 original's reference (default prompts, MTP included, every layer's input)."""
+    p = tmp_path_factory.mktemp("ref") / "trained.ref.safetensors"
+    r = verify_checkpoint(tiny_trained_fp8, save_reference=p, mtp=True)
+    assert r.verdict == "pass" and p.is_file()
     return p
 
 
@@ -412,23 +425,42 @@ def test_shards_pass_bit_exact(n: int, tiny_fp8: Path, ref_file: Path, tmp_path:
     assert r.overall.identical and r.mtp_overall.identical
 
 
-def test_casts_pass(tiny_fp8: Path, ref_file: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def trained_casts(tiny_trained_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The well-conditioned original cast to BF16, and back to FP8 with f32 and with ue8m0 scales."""
     cast = pytest.importorskip("dsv3_tools.cast")
-    bf16 = tmp_path / "bf16"
-    cast.cast_fp8_to_bf16(tiny_fp8, bf16, device="cpu")
-    r = verify_checkpoint(bf16, reference=ref_file, mtp=True)
+    d = tmp_path_factory.mktemp("casts")
+    out = {"bf16": d / "bf16", "f32": d / "fp8-f32", "ue8m0": d / "fp8-ue8m0"}
+    cast.cast_fp8_to_bf16(tiny_trained_fp8, out["bf16"], device="cpu")
+    for fmt in ("f32", "ue8m0"):
+        cast.cast_bf16_to_fp8(out["bf16"], out[fmt], scale_fmt=fmt)
+    return out
+
+
+def test_casts_pass(trained_casts: dict, trained_ref: Path, tmp_path: Path) -> None:
+    r = verify_checkpoint(trained_casts["bf16"], reference=trained_ref, mtp=True)
     assert r.verdict == "pass" and r.tier == "exact" and r.overall.identical and r.mtp_overall.identical
+    assert all(x.stats.identical for x in r.layers if x.stats is not None) and len(r.layers) == 4
     for fmt in ("f32", "ue8m0"):  # back to FP8: re-quantized weights, judged within quantization noise
-        out = tmp_path / f"fp8-{fmt}"
-        cast.cast_bf16_to_fp8(bf16, out, scale_fmt=fmt)
-        r = verify_checkpoint(out, reference=ref_file, mtp=True)
+        r = verify_checkpoint(trained_casts[fmt], reference=trained_ref, mtp=True)
         assert r.verdict == "pass" and r.tier == "quantized", (fmt, r.failures, r.tier_reasons)
-        assert not r.overall.identical
+        assert any(x.startswith("weights re-quantized") for x in r.tier_reasons), r.tier_reasons
+        assert not r.overall.identical and len(r.layers) == 4  # every layer judged alone, the MTP module too
     # The re-quantized checkpoint, sharded: still judged against the original.
     mp = tmp_path / "ue8m0-mp2"
-    shard_checkpoint(tmp_path / "fp8-ue8m0", mp, mp=2, mtp="drop")
-    r = verify_checkpoint(mp, reference=ref_file)
-    assert r.verdict == "pass" and r.tier == "quantized"
+    shard_checkpoint(trained_casts["ue8m0"], mp, mp=2, mtp="drop")
+    r = verify_checkpoint(mp, reference=trained_ref)
+    assert r.verdict == "pass" and r.tier == "quantized", r.failures
+
+
+def test_random_model_requantized_fails_the_calibrated_limits(tiny_fp8: Path, ref_file: Path, tmp_path: Path) -> None:
+    """The harsh case, as docs/verify.md records it: on random weights a clean f32 re-quantization already moves
+    logits and router choices beyond the limits calibrated on the well-conditioned model."""
+    cast = pytest.importorskip("dsv3_tools.cast")
+    cast.cast_fp8_to_bf16(tiny_fp8, tmp_path / "bf16", device="cpu")
+    cast.cast_bf16_to_fp8(tmp_path / "bf16", tmp_path / "fp8", scale_fmt="f32")
+    r = verify_checkpoint(tmp_path / "fp8", reference=ref_file)
+    assert r.tier == "quantized" and r.verdict == "fail", r.tier_reasons
 
 
 def test_float_tier_for_other_arithmetic(tiny_fp8: Path, ref_file: Path, tmp_path: Path) -> None:
@@ -468,9 +500,60 @@ def test_layer_stats_match_hand_computation() -> None:
     assert nan.failures(TIERS["quantized"]) and len(nan.failures(TIERS["quantized"])) == 2
 
 
+def _matrix():
+    """benchmarks/bench_verify_matrix.py (the fault matrix: its faults, kinds and one case's run)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_verify_matrix.py"
+    spec = importlib.util.spec_from_file_location("bench_verify_matrix", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (its dataclasses look their module up there)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    m = _matrix()
+    d = tmp_path_factory.mktemp("matrix")
+    return m, m.build(d, "trained"), d
+
+
 # The fault matrix's hardest corner on the well-conditioned model (the whole matrix: the benchmark, docs/verify.md):
 # the noisiest clean kinds, against the fault each layer metric barely catches (norm x1.01 by the gain, 16 rows of
 # one expert negated by the worst position) and a scale fault.
+SUBSET = [
+    (kind, fault)
+    for kind in ("requant-ue8m0", "gemm-fp8", "bf16")
+    for fault in (None, "norm x1.01", "expert rows negated", "scale block x2")
+]
+
+
+@pytest.mark.parametrize("kind,fault", SUBSET, ids=[f"{k}-{f or 'clean'}" for k, f in SUBSET])
+def test_fault_matrix_subset(kind: str, fault: str | None, matrix: tuple) -> None:
+    m, paths, d = matrix
+    rec = m.run_case(paths, kind, m.FAULTS[fault] if fault else None, d / "scratch")
+    assert rec["tier"] == "quantized", rec
+    if fault is None:
+        assert rec["verdict"] == "pass", rec["failures"]
+    else:
+        assert rec["verdict"] == "fail" and rec["failing_layers"] == [m.FAULTS[fault].layer], rec["failures"]
+
+
+def test_default_limits_come_from_the_recorded_matrix() -> None:
+    """The float and quantized limits in ``TIERS`` are what the benchmark's rule derives from the recorded fault
+    matrix (docs/verify-matrix.json), and that record meets the targets on the well-conditioned model: every planted
+    fault detected and localized to its layer in every kind, no clean conversion failing."""
+    m = _matrix()
+    rec = json.loads((Path(__file__).resolve().parents[1] / "docs" / "verify-matrix.json").read_text())
+    for tier, lim in m.derive(rec["results"]).items():
+        for k, v in lim.items():
+            if not k.endswith("_margins"):
+                assert getattr(TIERS[tier], k) == v, f"TIERS[{tier!r}].{k} = {getattr(TIERS[tier], k)}, derived {v}"
+    rows = rec["summary"]["trained"]
+    assert len(rows) == 7
+    for kind, row in rows.items():
+        assert row["detected"] == row["localized"] == row["planted"] >= 6 and row["false_alarm"] == 0, (kind, row)
+
+
 def test_unrelated_weights_are_named_different_not_requantized(other_seed: Path, ref_file: Path) -> None:
     r = verify_checkpoint(other_seed, reference=ref_file)
     assert r.verdict == "fail"
