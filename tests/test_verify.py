@@ -554,6 +554,28 @@ def test_default_limits_come_from_the_recorded_matrix() -> None:
         assert row["detected"] == row["localized"] == row["planted"] >= 6 and row["false_alarm"] == 0, (kind, row)
 
 
+def test_teacher_forcing_against_a_reference_folder(
+    tiny_trained_fp8: Path, trained_casts: dict, tmp_path: Path
+) -> None:
+    """A folder reference runs first and teaches the candidate's layers: a post-attention norm scaled by 1.01 in a
+    ue8m0 re-quantization is found in its layer, in the quantized tier, and named (a BF16 norm is no conversion's
+    business: compared exactly). Both sides on the FP8 GEMM path are the same arithmetic: the exact tier."""
+    name = "model.layers.1.post_attention_layernorm.weight"
+    bad = copy(trained_casts["ue8m0"], tmp_path / "bad")
+    patch(_file_of(bad, name), name, lambda t: (t.float() * 1.01).to(torch.bfloat16))
+    r = verify_checkpoint(bad, reference=tiny_trained_fp8, mtp=True)
+    assert r.tier == "quantized" and r.verdict == "fail", (r.tier, r.failures)
+    assert [x.layer for x in r.layers if x.failures] == [1] and r.divergence.layer == 1
+    assert [d.name for d in r.tensor_diffs] == [name], [(d.name, d.rel_err) for d in r.tensor_diffs]
+    r = verify_checkpoint(trained_casts["ue8m0"], reference=tiny_trained_fp8, mtp=True)
+    assert r.verdict == "pass" and r.tier == "quantized" and len(r.layers) == 4, r.failures
+    bad = copy(tiny_trained_fp8, tmp_path / "bad-fp8")
+    patch(_file_of(bad, name), name, lambda t: (t.float() * 1.01).to(torch.bfloat16))
+    r = verify_checkpoint(bad, reference=tiny_trained_fp8, gemm="fp8")
+    assert r.tier == "exact" and [x.layer for x in r.layers if x.failures] == [1], (r.tier_reasons, r.failures)
+    assert all(x.stats.identical for x in r.layers if x.layer != 1)
+
+
 def test_unrelated_weights_are_named_different_not_requantized(other_seed: Path, ref_file: Path) -> None:
     r = verify_checkpoint(other_seed, reference=ref_file)
     assert r.verdict == "fail"

@@ -104,9 +104,10 @@ def choose_tier(ref_meta: dict, cand_meta: dict, probe: ProbeDiff | None) -> tup
         requant = True
         reasons.append(f"weights re-quantized: {rw['weights']}/{rw['scale_fmt']} -> {cw['weights']}/{cw['scale_fmt']}")
     rr, cr = ref_meta["run"], cand_meta["run"]
-    fp8_gemm = rr["gemm"] == "fp8" or cr["gemm"] == "fp8"
+    # The FP8 GEMM path on both sides, with the same activation scale format, is the same arithmetic.
+    fp8_gemm = rr["gemm"] != cr["gemm"] or (rr["gemm"] == "fp8" and rw["scale_fmt"] != cw["scale_fmt"])
     if fp8_gemm:
-        reasons.append("FP8 GEMM path (activations quantized online)")
+        reasons.append(f"FP8 GEMM path on one side (activations quantized online): gemm {rr['gemm']} vs {cr['gemm']}")
     low = "bfloat16" in (rr.get("dtype"), cr.get("dtype")) and rr.get("dtype") != cr.get("dtype")
     if low:
         reasons.append(f"compute dtype {rr.get('dtype')} vs {cr.get('dtype')}: bfloat16 rounding of every activation")
@@ -116,5 +117,7 @@ def choose_tier(ref_meta: dict, cand_meta: dict, probe: ProbeDiff | None) -> tup
     if diffs:
         reasons.append("different arithmetic: " + ", ".join(f"{k} {rr.get(k)} vs {cr.get(k)}" for k in diffs))
         return "float", reasons
-    reasons.append("same arithmetic (device, engine, gemm, dtype, one process): expect bit-identical logits")
+    reasons.append(
+        f"same arithmetic (device, engine, gemm {cr['gemm']}, dtype, one process): expect bit-identical logits"
+    )
     return "exact", reasons
