@@ -87,6 +87,13 @@ def synth(
             "scales carry the mantissa 1.3228756)."
         ),
     ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="random (chaotic: the harsh case for verify) or trained (small residual branches, norms near 1, "
+            "router margins, moderate attention: as stable as a trained network)."
+        ),
+    ] = "random",
     json_: JsonOpt = False,
 ) -> None:
     """Write a synthetic checkpoint in the exact Hugging Face format (random weights)."""
@@ -104,6 +111,7 @@ def synth(
         mtp=None if mtp == Mtp.keep else 0,
         scale_fmt=scale_fmt,
         dense_layers=dense_layers,
+        profile=profile,
     )
     with report.byte_progress(plan.bytes, "synth", enabled=not json_) as advance:
         r = run_synth(plan, progress=advance)
@@ -224,13 +232,22 @@ def verify(
     max_kl: Annotated[float | None, typer.Option(help="Override: maximum KL of any position.")] = None,
     min_cos: Annotated[float | None, typer.Option(help="Override: minimum cosine similarity of any position.")] = None,
     max_rel_diff: Annotated[float | None, typer.Option(help="Override: max |diff| / logit scale.")] = None,
-    hidden_tol: Annotated[float | None, typer.Option(help="Override: hidden-state error naming a layer.")] = None,
+    hidden_tol: Annotated[
+        float | None, typer.Option(help="Override: free-run hidden-state error naming a layer (no layer inputs).")
+    ] = None,
+    max_layer_err: Annotated[
+        float | None,
+        typer.Option(help="Override: a layer on the reference's inputs, worst position's error / its update."),
+    ] = None,
+    max_gain_dev: Annotated[
+        float | None, typer.Option(help="Override: a layer on the reference's inputs, maximum |gain - 1|.")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Check a checkpoint's structure and compare its logits with a reference. Exit 0 pass, 1 fail, 2 bad input."""
     from . import report
     from .runtime import init_distributed, resolve_device, resolve_engine
-    from .verify import planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
+    from .verify import check_limits, planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
 
     device = resolve_device(device)
     engine = resolve_engine(engine, device)
@@ -240,6 +257,8 @@ def verify(
     ids = read_tokens_file(tokens) if tokens is not None else None
     overrides = {"min_top1": min_top1, "max_kl_mean": max_kl_mean, "max_kl": max_kl, "min_cos": min_cos}
     overrides |= {"max_rel_diff": max_rel_diff, "hidden_tol": hidden_tol}
+    overrides |= {"max_layer_err": max_layer_err, "max_gain_dev": max_gain_dev}
+    check_limits(overrides)  # before anything is read or drawn
     total = planned_bytes(ckpt, reference, checksums)
     with report.byte_progress(total, "verify", enabled=lead and not json_) as advance:
         r = verify_checkpoint(

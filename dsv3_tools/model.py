@@ -22,6 +22,9 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
   logits. With ``gemm="fp8"`` activations are quantized per token per 128 channels (``act_quant``, the checkpoint's
   ``scale_fmt``) and multiplied by the block-scaled FP8 weights with f32 accumulation (``fp8_gemm``), as the
   demo does. Unquantized weights (embedding, router, head, norms, a BF16 ``eh_proj``) always use the compute dtype.
+- Teacher forcing (``forward(teacher=...)``, ``run_layer``): a layer run on given hidden states (another run's
+  inputs of that layer) instead of the previous layer's output, so that its error can be measured alone; in the
+  same arithmetic and batch it reproduces that run's output bit for bit.
 - MTP (``mtp=True``, the first MTP layer): for position t, ``eh_proj(cat(enorm(embed(token[t+1])),
   hnorm(h[t])))`` with ``h`` the main model's final-normed hidden state (the state vLLM passes to its DeepSeek MTP
   module; some ports pass the state before the final norm instead: a convention, the same on both sides of a
@@ -48,6 +51,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,11 @@ from .parallel import Group, check_degree, current_group, local_slice
 from .runtime import rank_device
 
 OnLayer = Callable[[int, list[torch.Tensor]], None]
+# Teacher forcing: ``teacher(L, run)`` is called while layer L's weights are loaded; ``run(hidden)`` applies that layer
+# to other hidden states (one [T_i, H] tensor per prompt, the prompts' lengths) and returns its outputs (float32,
+# CPU). For the MTP layer, ``run`` maps the main model's final hidden states to the MTP module's logits.
+LayerFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+Teacher = Callable[[int, LayerFn], None]
 
 
 @dataclass
@@ -579,7 +588,16 @@ class Model:
                 self.layers = [Layer(env, L) for L in env.cfg.main_layers]
                 self.head = Head(env, "model.norm.weight", "lm_head.weight")
 
-    def forward(self, prompts: list[list[int]], *, mtp: bool = False, on_layer: OnLayer | None = None) -> ModelOutput:
+    def forward(
+        self,
+        prompts: list[list[int]],
+        *,
+        mtp: bool = False,
+        on_layer: OnLayer | None = None,
+        teacher: Teacher | None = None,
+    ) -> ModelOutput:
+        """Logits of every position; ``on_layer(L, hidden)`` hears each layer's output, ``teacher(L, run)`` may run
+        each loaded layer on other inputs (see ``Teacher``)."""
         env, cfg = self.env, self.env.cfg
         _check_prompts(cfg, prompts)
         if mtp and not cfg.num_nextn_predict_layers:
@@ -607,6 +625,8 @@ class Model:
                     env.prefetch(nxt)
                 layer = self.layers[L] if self.layers is not None else Layer(env, L)
                 h = layer(h, lens, rope)
+                if teacher is not None:
+                    teacher(L, functools.partial(_apply_layer, layer, lens, rope))
                 del layer
                 if on_layer is not None:
                     on_layer(L, [t.float().cpu() for t in h.split(lens)])
@@ -614,8 +634,26 @@ class Model:
             env.drop_prefetched()
             out = ModelOutput([t.cpu() for t in logits.split(lens)])
             if mtp:
-                out.mtp_logits = _run_mtp(env, tokens, h, lens)
+                module = Mtp(env, tokens, lens, keep=teacher is not None)
+                out.mtp_logits = module(h)
+                if teacher is not None:
+                    teacher(cfg.num_hidden_layers, lambda hs: module(_stack(env, hs, lens)))
         return out
+
+    def run_layer(self, L: int, prompts: list[list[int]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Main decoder layer ``L`` applied to ``hidden`` (one [T_i, H] tensor per prompt, at positions 0..T_i-1),
+        instead of the previous layer's output: float32 CPU outputs, one per prompt. Reads the layer when the
+        model streams."""
+        env, cfg = self.env, self.env.cfg
+        _check_prompts(cfg, prompts)
+        if L not in cfg.main_layers:
+            raise ConfigError(f"layer {L} is not a main layer (0..{cfg.num_hidden_layers - 1})")
+        lens = [len(p) for p in prompts]
+        positions = torch.cat([torch.arange(T) for T in lens])
+        rope = tuple(t.to(env.device) for t in rope_tables(cfg, positions))
+        with torch.inference_mode():
+            layer = self.layers[L] if self.layers is not None else Layer(env, L)
+            return _apply_layer(layer, lens, rope, hidden)
 
     # ------------------------------------------------------------------ generation: prefill, then one token a step
     def _resident(self) -> tuple[Embedding, list[Layer], Head]:
@@ -721,6 +759,7 @@ def run_model(
     mtp: bool = False,
     on_layer: OnLayer | None = None,
     dtype: torch.dtype = torch.float32,
+    teacher: Teacher | None = None,
 ) -> ModelOutput:
     """Logits for every position of every prompt (see the module docstring for the exact semantics).
 
@@ -731,32 +770,67 @@ def run_model(
     if ck.config is not None:
         _check_prompts(ck.config, prompts)  # before reading any weight
     model = load_model(ck, device=device, engine=engine, gemm=gemm, stream=stream, dtype=dtype)
-    return model.forward(prompts, mtp=mtp, on_layer=on_layer)
+    return model.forward(prompts, mtp=mtp, on_layer=on_layer, teacher=teacher)
 
 
-def _run_mtp(env: Env, tokens: torch.Tensor, h: torch.Tensor, lens: list[int]) -> list[torch.Tensor]:
-    """The first MTP layer over positions 0..T-2 of each prompt (see the module docstring)."""
-    cfg = env.cfg
-    L = cfg.num_hidden_layers
-    p = f"model.layers.{L}."
-    eps = cfg.rms_norm_eps
-    final_norm = env.norm("model.norm.weight")
-    keep = torch.cat([torch.arange(T - 1) + s for T, s in zip(lens, _starts(lens))]).to(h.device)
-    nxt = keep + 1
-    mlens = [T - 1 for T in lens]
-    embed = Embedding(
-        env, p + "embed_tokens.weight" if env.has(p + "embed_tokens.weight") else "model.embed_tokens.weight"
-    )
-    e = rms_norm(embed(tokens[nxt]), env.norm(p + "enorm.weight"), eps)
-    del embed
-    hm = rms_norm(rms_norm(h[keep], final_norm, eps), env.norm(p + "hnorm.weight"), eps)
-    x = env.linear(p + "eh_proj.weight")(torch.cat([e, hm], dim=-1))
-    positions = torch.cat([torch.arange(T) for T in mlens])
-    rope = tuple(t.to(h.device) for t in rope_tables(cfg, positions))
-    x = Layer(env, L)(x, [m for m in mlens], rope) if x.shape[0] else x
-    head = Head(env, p + "shared_head.norm.weight", p + "shared_head.head.weight")
-    logits = head(x) if x.shape[0] else torch.zeros((0, cfg.vocab_size))
-    return [t.cpu() for t in logits.split(mlens)]
+def _stack(env: Env, hidden: list[torch.Tensor], lens: list[int]) -> torch.Tensor:
+    """Per-prompt hidden states [T_i, H] as the model's concatenated residual stream (device, compute dtype)."""
+    if [int(t.shape[0]) for t in hidden] != lens:
+        raise ConfigError(f"hidden states of {[int(t.shape[0]) for t in hidden]} positions for prompts of {lens}")
+    return torch.cat(list(hidden)).to(env.device, env.dtype)
+
+
+def _apply_layer(
+    layer: Layer, lens: list[int], rope: tuple[torch.Tensor, torch.Tensor], hidden: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``layer`` on given per-prompt hidden states (teacher forcing): float32 CPU outputs, one per prompt."""
+    with torch.inference_mode():
+        y = layer(_stack(layer.env, hidden, lens), lens, rope)
+    return [t.float().cpu() for t in y.split(lens)]
+
+
+class Mtp:
+    """The first MTP layer over positions 0..T-2 of each prompt (see the module docstring), callable on any
+    main-model final hidden states of these prompts. The next tokens' embeddings are taken once here; eh_proj, the
+    block and the head are read at each call and dropped after use, or with ``keep`` read once and kept (a second
+    call, teacher-forced, then reads nothing again)."""
+
+    def __init__(self, env: Env, tokens: torch.Tensor, lens: list[int], keep: bool = False):
+        cfg = env.cfg
+        self.env, self.lens, self.keep = env, lens, keep
+        self.p = f"model.layers.{cfg.num_hidden_layers}."
+        self.rows = torch.cat([torch.arange(T - 1) + s for T, s in zip(lens, _starts(lens))]).to(tokens.device)
+        name = self.p + "embed_tokens.weight"
+        embed = Embedding(env, name if env.has(name) else "model.embed_tokens.weight")
+        self.e = rms_norm(embed(tokens[self.rows + 1]), env.norm(self.p + "enorm.weight"), cfg.rms_norm_eps)
+        del embed
+        self.parts: dict[str, object] = {}
+
+    def _part(self, key: str, make: Callable[[], object]) -> Any:
+        part = self.parts.get(key) or make()
+        if self.keep:
+            self.parts[key] = part
+        return part
+
+    def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
+        env, cfg, p = self.env, self.env.cfg, self.p
+        eps = cfg.rms_norm_eps
+        mlens = [T - 1 for T in self.lens]
+        with torch.inference_mode():
+            final_norm = env.norm("model.norm.weight")
+            hm = rms_norm(rms_norm(h[self.rows], final_norm, eps), env.norm(p + "hnorm.weight"), eps)
+            x = self._part("eh_proj", lambda: env.linear(p + "eh_proj.weight"))(torch.cat([self.e, hm], dim=-1))
+            positions = torch.cat([torch.arange(T) for T in mlens])
+            rope = tuple(t.to(h.device) for t in rope_tables(cfg, positions))
+            if x.shape[0]:
+                x = self._part("layer", lambda: Layer(env, cfg.num_hidden_layers))(x, mlens, rope)
+                head = self._part(
+                    "head", lambda: Head(env, p + "shared_head.norm.weight", p + "shared_head.head.weight")
+                )
+                logits = head(x)
+            else:
+                logits = torch.zeros((0, cfg.vocab_size))
+        return [t.cpu() for t in logits.split(mlens)]
 
 
 def _slices(lens: list[int]) -> list[slice]:
@@ -772,4 +846,14 @@ def _starts(lens: list[int]) -> list[int]:
     return out
 
 
-__all__ = ["KVCache", "ModelOutput", "load_model", "run_model", "rope_tables", "apply_rope", "rms_norm"]
+__all__ = [
+    "KVCache",
+    "LayerFn",
+    "ModelOutput",
+    "Teacher",
+    "apply_rope",
+    "load_model",
+    "rms_norm",
+    "rope_tables",
+    "run_model",
+]

@@ -320,6 +320,15 @@ def render_verify(r: Any) -> None:
         rows.append(("run", ", ".join(f"{k} {v}" for k, v in r.run.items())))
     if r.tier:
         rows.append(("comparison", f"{r.tier}: " + "; ".join(r.tier_reasons)))
+        if r.layers:
+            n = sum(lr.stats is not None for lr in r.layers)
+            mtp = " and the MTP module" if any(lr.logits is not None for lr in r.layers) else ""
+            rows.append(
+                ("layers", f"{n} layer(s){mtp} run on the reference's inputs (teacher-forced), each judged alone")
+            )
+        else:
+            rows.append(("layers", "not judged alone (the reference holds no layer inputs): the logits, and the "
+                                   "hidden-state summaries for localization"))  # fmt: skip
     if r.checksums is not None:
         c = r.checksums
         rows.append(("checksums", f"{c['files_checked']} file(s) re-hashed, {c['mismatches']} mismatch(es)"))
@@ -351,21 +360,30 @@ def render_verify(r: Any) -> None:
             t.add_row(*row(str(p.index), p.tokens, p.stats, not p.failures))
             if p.mtp is not None:
                 t.add_row(*row(f"{p.index} MTP", p.tokens - 1, p.mtp, not any(f.startswith("MTP") for f in p.failures)))
-        t.add_row(*row("all", r.overall.positions, r.overall, not [f for f in r.failures if not f.startswith("MTP")]))
+        t.add_row(*row("all", r.overall.positions, r.overall, bool(r.logits_ok)))
         if r.mtp_overall is not None:
-            t.add_row(
-                *row(
-                    "all MTP",
-                    r.mtp_overall.positions,
-                    r.mtp_overall,
-                    not [f for f in r.failures if f.startswith("MTP")],
-                )
-            )
+            t.add_row(*row("all MTP", r.mtp_overall.positions, r.mtp_overall, bool(r.mtp_logits_ok)))
+        out.print(t)
+    if r.layers:
+        t = Table(title="each layer on the reference's inputs (teacher-forced)", title_justify="left")
+        for c in ("layer", "error / update", "worst position", "at (prompt, position)", "gain", "ok"):
+            t.add_column(c, justify="right", no_wrap=True)
+        for lr in r.layers:
+            good = "[green]yes[/]" if not lr.failures else "[red]no[/]"
+            if lr.stats is not None:
+                s = lr.stats
+                at = f"{s.prompt}, {s.position}" if s.prompt is not None else ""
+                t.add_row(f"layer {lr.layer}", f"{s.rel:.2e}", f"{s.rel_max:.2e}", at, f"{s.gain:.5f}", good)
+            else:
+                lg = lr.logits
+                kl, c = f"KL mean {lg.kl_mean:.1e}", f"cos min {lg.cos_min:.5f}"
+                t.add_row(f"MTP (layer {lr.layer})", kl, c, "", "", good)
         out.print(t)
     if r.divergence is not None:
         d = r.divergence
         at = f" (prompt {d.prompt}, position {d.position})" if d.prompt is not None else ""
-        out.print(f"[bold]first divergence:[/] {escape(d.where)}, hidden-state error {d.error:.3e}{at}")
+        what = "error on the reference's input" if r.layers else "hidden-state error"
+        out.print(f"[bold]first divergence:[/] {escape(d.where)}, {what} {d.error:.3e}{at}")
     if r.tensor_diffs:
         t = Table(title=f"{len(r.tensor_diffs)} tensor(s) differ from the reference checkpoint", title_justify="left")
         for c in ("tensor", "kind", "relative error", "detail"):

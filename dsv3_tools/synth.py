@@ -10,6 +10,7 @@ shapes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zlib
@@ -47,6 +48,7 @@ class SynthReport:
     bytes: int
     dtype: str
     config: str
+    profile: str = "random"
 
 
 def derive_config(
@@ -108,10 +110,16 @@ def _gen(seed: int, name: str) -> torch.Generator:
     return g
 
 
-def master_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The full-precision value synth stores for ``name`` (before any FP8 quantization)."""
+def master_weight(
+    cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int, profile: str = "random"
+) -> torch.Tensor:
+    """The full-precision value synth stores for ``name`` (before any FP8 quantization), in ``profile``'s style."""
     import torch
 
+    if profile == "trained":
+        return _trained_weight(cfg, name, shape, seed)
+    if profile != "random":
+        raise ConfigError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     g = _gen(seed, name)
     n = N.parse_hf(name)
     leaf, hf = n.leaf, n.module.hf
@@ -127,6 +135,108 @@ def master_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int
     w = torch.randn(shape, generator=g) / fan_in**0.5
     if n.module.quantized:
         # A different magnitude per 128x128 block, so that a scale applied to the wrong block shows.
+        b0, b1 = cfg.block_size
+        gm, gn = -(-shape[0] // b0), -(-shape[1] // b1)
+        f = torch.exp2(torch.rand((gm, gn), generator=g) * 2 - 1)
+        w = w * f.repeat_interleave(b0, 0)[: shape[0]].repeat_interleave(b1, 1)[:, : shape[1]]
+    return w
+
+
+# ---------------------------------------------------------------------- the "trained" profile
+# Random weights make a chaotic network: every residual branch is as large as the residual stream, so errors
+# compound from layer to layer, and the router's scores of chosen and unchosen experts are continuous random values,
+# so a rounding-sized change flips choices at near-ties. A trained network is stable for reasons that can be
+# built in directly: each branch adds a small update to the residual stream, norms stay near 1, the router
+# separates chosen from unchosen experts by a clear margin, and attention logits stay moderate. The "trained"
+# profile builds them in:
+# - every token's embedding is a shared direction u_0, a routing "code" direction u_c (one of C, per token id)
+#   and a token-specific random part (fractions BETA0, BETA, the rest); u_0..u_C are orthonormal (disjoint random
+#   supports, so exactly orthonormal on every machine);
+# - each router row reads only u_0 and the codes: for a token of code c its logit is -LOGIT_OFF, plus LOGIT_ON
+#   (+- 0.5) for the k experts chosen for code c in that layer, spread over topk_group groups, so chosen and
+#   unchosen experts (and groups) differ by ~LOGIT_ON in logit whatever the rest of the hidden state holds;
+# - output projections (o_proj, every down_proj) are scaled by BRANCH, so each branch adds ~10-20% of the residual;
+# - norms are 1 +- 2%, the router bias +- 1%, q_b_proj scaled by Q_SCALE (attention logits of std ~1);
+# - the MTP module's eh_proj passes its hidden-state half through (0.95 I) so the token's code reaches its router.
+PROFILES = ("random", "trained")
+BETA0, BETA = 0.4, 0.6
+LOGIT_OFF, LOGIT_ON = 2.5, 4.0
+BRANCH, Q_SCALE = 0.15, 0.7
+
+
+def n_codes(cfg: ModelConfig) -> int:
+    """Routing codes of the trained profile: enough that every expert is chosen for some code (C * k >= 2 E)."""
+    return min(max(8, -(-2 * cfg.n_routed_experts // max(cfg.num_experts_per_tok, 1))), cfg.hidden_size // 8)
+
+
+@functools.lru_cache(maxsize=4)
+def routing_basis(seed: int, hidden: int, vocab: int, codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [hidden, codes + 1]: orthonormal columns on disjoint random supports, u_0 first; each token id's code)."""
+    import torch
+
+    g = _gen(seed, "profile.trained.basis")
+    perm = torch.randperm(hidden, generator=g)
+    sign = torch.randint(0, 2, (hidden,), generator=g).float() * 2 - 1
+    U = torch.zeros(hidden, codes + 1)
+    for j, idx in enumerate(perm.tensor_split(codes + 1)):
+        U[idx, j] = sign[idx] / len(idx) ** 0.5
+    return U, torch.randint(0, codes, (vocab,), generator=g)
+
+
+def chosen_experts(cfg: ModelConfig, g: torch.Generator) -> list[int]:
+    """k experts spread as evenly as possible over topk_group random groups (at most a group's size from each)."""
+    import torch
+
+    E, G, k, tg = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok, cfg.topk_group
+    per = E // G
+    groups = torch.randperm(G, generator=g)[:tg].tolist()
+    counts = [min(per, k // tg + (i < k % tg)) for i in range(tg)]
+    for i in range(tg):  # spill what a full group could not take
+        while sum(counts) < k and counts[i] < per:
+            counts[i] += 1
+    out = []
+    for grp, n in zip(groups, counts):
+        out += (torch.randperm(per, generator=g)[:n] + grp * per).tolist()
+    return out
+
+
+def _trained_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    import torch
+
+    g = _gen(seed, name)
+    n = N.parse_hf(name)
+    leaf, hf = n.leaf, n.module.hf
+    H = cfg.hidden_size
+    if leaf == "e_score_correction_bias":
+        return (torch.randn(shape, generator=g) * 0.01).float()
+    if len(shape) == 1:
+        return torch.randn(shape, generator=g) * 0.02 + (0.0 if leaf == "bias" else 1.0)
+    C = n_codes(cfg)
+    U, codes = routing_basis(seed, H, cfg.vocab_size, C)
+    if hf.endswith("embed_tokens"):
+        gamma = (1 - BETA0**2 - BETA**2) ** 0.5
+        out = torch.randn(shape, generator=g) * gamma
+        for lo in range(0, shape[0], 8192):  # row chunks: the code columns of a 129280-row vocabulary at once are GBs
+            c = codes[lo : lo + 8192]
+            out[lo : lo + len(c)] += H**0.5 * (BETA0 * U[:, 0] + BETA * U[:, 1 + c].T)
+        return out
+    if hf == "mlp.gate":
+        coef = torch.zeros(shape[0], C + 1)
+        coef[:, 0] = -LOGIT_OFF / BETA0
+        for c in range(C):
+            picks = chosen_experts(cfg, g)
+            coef[picks, 1 + c] = (LOGIT_ON + torch.rand(len(picks), generator=g) - 0.5) / BETA
+        return (coef @ U.T + 0.1 * torch.randn(shape, generator=g)) / H**0.5
+    if hf == "eh_proj":  # [H, 2H] over cat(enorm(embedding), hnorm(hidden)): the hidden half passes through
+        w = torch.randn(shape, generator=g) * (0.3 / H**0.5)
+        w[:, H:] = 0.95 * torch.eye(H) + w[:, H:] * 0.1
+        return w
+    w = torch.randn(shape, generator=g) / shape[1] ** 0.5
+    if hf.endswith("o_proj") or hf.endswith("down_proj"):
+        w = w * BRANCH
+    elif hf.endswith("q_b_proj") or hf.endswith("q_proj"):
+        w = w * Q_SCALE
+    if n.module.quantized:
         b0, b1 = cfg.block_size
         gm, gn = -(-shape[0] // b0), -(-shape[1] // b1)
         f = torch.exp2(torch.rand((gm, gn), generator=g) * 2 - 1)
@@ -172,6 +282,7 @@ class SynthPlan:
     seed: int
     files: list[list[N.TensorSpec]]
     o_proj_mantissa: float | None = None  # --scale-fmt v3.1: o_proj's scales times this (not powers of two)
+    profile: str = "random"
 
     @property
     def bytes(self) -> int:
@@ -190,13 +301,20 @@ def plan_synth(
     mtp: int | None = None,
     scale_fmt: str | None = None,
     dense_layers: int | None = None,
+    profile: str = "random",
 ) -> SynthPlan:
     """Plan a synthetic checkpoint of ``config`` in the new folder ``out`` (checked, nothing written).
 
     ``dtype``: fp8 (default) or bf16 for the V3 family; for DeepSeek-V4 fp4 (the release: FP4 experts), fp8 (-Base:
     FP8 experts, F32 scales) or bf16, by default the config's own. V4 folders take the released file layout (one
     file per layer), whatever ``shards`` says.
+
+    ``profile`` (V3 family): ``random`` (fan-in scaled Gaussian weights: a chaotic network, the harsh case for
+    ``verify``) or ``trained`` (the properties that keep a trained network stable built in; see the profile's notes
+    above).
     """
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     base = config if isinstance(config, (ModelConfig, V4Config)) else load_config(config)
     if shards < 1:
         raise ConfigError("--shards must be >= 1")
@@ -207,8 +325,8 @@ def plan_synth(
     if is_v4(base):
         from .v4 import synth as v4_synth
 
-        if scale_fmt is not None or dense_layers is not None:
-            raise ConfigError("--scale-fmt and --dense-layers apply to the V3 family, not to DeepSeek-V4")
+        if scale_fmt is not None or dense_layers is not None or profile != "random":
+            raise ConfigError("--scale-fmt, --dense-layers and --profile apply to the V3 family, not to DeepSeek-V4")
         cfg, dtype = v4_synth.derive_config(base, dtype=dtype, layers=layers, experts=experts, mtp=mtp)
         return SynthPlan(out, cfg, dtype, seed, v4_synth.plan_files(cfg, v4_synth.FORMATS[dtype]))
     dtype = dtype or "fp8"
@@ -216,7 +334,8 @@ def plan_synth(
         base, dtype=dtype, scale_fmt=scale_fmt, layers=layers, experts=experts, mtp=mtp, dense_layers=dense_layers
     )
     files = _plan_files(list(N.expected_tensors(cfg).values()), shards)
-    return SynthPlan(out, cfg, dtype, seed, files, V31_O_PROJ_MANTISSA if scale_fmt == "v3.1" else None)
+    mantissa = V31_O_PROJ_MANTISSA if scale_fmt == "v3.1" else None
+    return SynthPlan(out, cfg, dtype, seed, files, mantissa, profile)
 
 
 def synth(
@@ -231,12 +350,13 @@ def synth(
     mtp: int | None = None,
     scale_fmt: str | None = None,
     dense_layers: int | None = None,
+    profile: str = "random",
     progress: Progress | None = None,
 ) -> SynthReport:
     """Write a synthetic checkpoint of ``config`` into the new folder ``out``."""
     plan = plan_synth(
         out, config, dtype=dtype, seed=seed, shards=shards, layers=layers, experts=experts, mtp=mtp,
-        scale_fmt=scale_fmt, dense_layers=dense_layers,
+        scale_fmt=scale_fmt, dense_layers=dense_layers, profile=profile,
     )  # fmt: skip
     return run_synth(plan, progress)
 
@@ -246,7 +366,7 @@ def _quantized(plan: SynthPlan, spec: N.TensorSpec) -> tuple[torch.Tensor, torch
     from .kernels.weight_quant import quantize_with_scales, weight_quant_ref
 
     cfg = plan.cfg
-    x = master_weight(cfg, spec.name, spec.shape, plan.seed)
+    x = master_weight(cfg, spec.name, spec.shape, plan.seed, plan.profile)
     q, s = weight_quant_ref(x, cfg.block_size, cfg.quant.scale_fmt)
     if plan.o_proj_mantissa is not None and spec.name.endswith("self_attn.o_proj.weight"):
         s = s * plan.o_proj_mantissa
@@ -258,13 +378,17 @@ def run_synth(plan: SynthPlan, progress: Progress | None = None) -> SynthReport:
     """Write ``plan``'s checkpoint, tensor by tensor (memory: one tensor)."""
     import torch
 
-    out, cfg, seed, files = plan.out, plan.cfg, plan.seed, plan.files
+    out, cfg, seed, files, profile = plan.out, plan.cfg, plan.seed, plan.files, plan.profile
     if is_v4(cfg):
         from .v4 import synth as v4_synth
 
         k, count, total = v4_synth.run(out, cfg, v4_synth.FORMATS[plan.dtype], seed, files, progress)
-        _write_notes(out, cfg.model_type, seed, plan.dtype)
-        return SynthReport(str(out), k, count, total, plan.dtype, cfg.model_type)
+        _write_notes(out, cfg.model_type, seed, plan.dtype, profile)
+        return SynthReport(str(out), k, count, total, plan.dtype, cfg.model_type, profile)
+
+    def value(spec: N.TensorSpec) -> torch.Tensor:
+        return master_weight(cfg, spec.name, spec.shape, seed, profile)
+
     out.mkdir(parents=True, exist_ok=True)
     specs = [s for f in files for s in f]
     k = len(files)
@@ -284,7 +408,7 @@ def run_synth(plan: SynthPlan, progress: Progress | None = None) -> SynthReport:
                     _, t = _quantized(plan, next(x for x in specs if x.name == N.weight_of(spec.name)))
                 else:
                     dt = torch.float32 if spec.dtype == "F32" else torch.bfloat16
-                    t = master_weight(cfg, spec.name, spec.shape, seed).to(dt)
+                    t = value(spec).to(dt)
                 w.write(spec.name, t)
                 weight_map[spec.name] = fname
                 nbytes = t.numel() * t.element_size()
@@ -301,13 +425,14 @@ def run_synth(plan: SynthPlan, progress: Progress | None = None) -> SynthReport:
         )
     write_json_atomic(out / "config.json", cfg.to_hf_dict())
     write_tokenizer_files(out, cfg)
-    _write_notes(out, cfg.model_type, seed, plan.dtype)
-    return SynthReport(str(out), k, len(specs), total, plan.dtype, cfg.model_type)
+    _write_notes(out, cfg.model_type, seed, plan.dtype, profile)
+    return SynthReport(str(out), k, len(specs), total, plan.dtype, cfg.model_type, profile)
 
 
-def _write_notes(out: Path, model_type: str, seed: int, dtype: str) -> None:
+def _write_notes(out: Path, model_type: str, seed: int, dtype: str, profile: str = "random") -> None:
     (out / "README.md").write_text(
-        f"# Synthetic {model_type} checkpoint\n\nWritten by `dsv3-tools synth` (seed {seed}, {dtype}). Random weights.\n"
+        f"# Synthetic {model_type} checkpoint\n\nWritten by `dsv3-tools synth` (seed {seed}, {dtype}, "
+        f"profile {profile}). Synthetic weights, not a trained model.\n"
     )
     (out / "LICENSE").write_text("Synthetic weights generated by dsv3-tools; no rights reserved.\n")
 

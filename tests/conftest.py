@@ -53,3 +53,12 @@ def tiny_v4_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("ck") / "tiny-v4-base"
     synth(p, "tiny-v4", dtype="fp8", seed=1)
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config, FP8 with f32 scales, synth's well-conditioned ``trained`` profile (small residual branches,
+    router margins): where quantization noise stays small and verify's quantized tier is calibrated. Read-only."""
+    p = tmp_path_factory.mktemp("ck") / "tiny-trained-fp8"
+    synth(p, "tiny", dtype="fp8", seed=0, shards=4, profile="trained")
+    return p

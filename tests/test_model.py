@@ -226,3 +226,30 @@ def test_streaming_holds_one_layer_at_a_time(tiny_fp8: Path, monkeypatch: pytest
     held.clear()
     run_model(ck, PROMPTS[:2], stream=False)  # the check sees a resident model holding its layers
     assert held == [0, 1, 2]
+
+
+def test_teacher_forcing_on_own_inputs_reproduces_each_layer(tiny_fp8: Path, fp8_logits) -> None:
+    """A layer run on this run's own input of it (teacher forcing) gives this run's output of it bit for bit, in
+    the forward's hook (streamed: the loaded layer) and through ``run_layer`` (resident); the MTP module run on
+    the final hidden states gives the MTP logits."""
+    out, hidden = fp8_logits
+    ck = open_checkpoint(tiny_fp8)
+    embed = ck.read("model.embed_tokens.weight").float()
+    inputs = {0: [embed[torch.tensor(p)] for p in PROMPTS]} | {L + 1: hidden[L] for L in hidden}
+    forced: dict[int, list[torch.Tensor]] = {}
+    again = run_model(ck, PROMPTS, mtp=True, teacher=lambda L, run: forced.setdefault(L, run(inputs[L])))
+    assert sorted(forced) == [0, 1, 2, 3]  # the main layers, then the MTP layer
+    for L in (0, 1, 2):
+        _assert_each_equal(forced[L], hidden[L], f"layer {L} forced, prompt")
+    _assert_each_equal(forced[3], out.mtp_logits, "MTP forced, prompt")
+    _assert_each_equal(again.logits, out.logits, "prompt")  # the hook does not disturb the free run
+    m = load_model(ck)
+    for L in (0, 1, 2):
+        _assert_each_equal(m.run_layer(L, PROMPTS, inputs[L]), hidden[L], f"run_layer {L}, prompt")
+    # Another input gives another output (the layer is really applied to what it is given).
+    other = m.run_layer(1, PROMPTS, [2 * x for x in inputs[1]])
+    assert all(not torch.equal(a, b) for a, b in zip(other, hidden[1]))
+    with pytest.raises(ConfigError, match="positions for prompts"):
+        m.run_layer(1, PROMPTS, inputs[1][:2] + [inputs[1][2][:-1], inputs[1][3]])
+    with pytest.raises(ConfigError, match="not a main layer"):
+        m.run_layer(3, PROMPTS, inputs[1])

@@ -10,9 +10,11 @@ One path, in this order (each step in its own module):
 3. ``memory``: the plan (resident or streamed), before any weight is read;
 4. ``run``: the candidate run on the prompts (``model.run_model``), kept as a ``Reference``; ``--save-reference``
    writes it; ``baseline.baseline`` gives the reference's side as the same type;
-5. ``tiers`` chooses the limits from what differs between the two runs, ``metrics`` compares every position's
-   logits and judges them, and on a failure ``localize`` names the first diverging layer and (against a folder)
-   the differing tensors and their files.
+   When the reference holds every layer's input (a reference folder, run first; a file of format 2), the
+   candidate's layers are also run on those inputs as they are loaded (``forcing``: teacher forcing);
+5. ``tiers`` chooses the limits from what differs between the two runs, ``metrics`` judges every position's logits
+   and every teacher-forced layer, and on a failure ``localize`` names the failing layers (or, without teacher
+   forcing, the first diverging one) and (against a folder) the differing tensors and their files.
 
 The report (``result.VerifyReport``) is data; ``report.render_verify`` shows it.
 """
@@ -33,14 +35,15 @@ from ..family import is_v4
 from ..layout import MANIFEST_NAME
 from ..runtime import check_device, dist_info
 from ..writer import read_manifest
-from .baseline import Source, baseline, open_lenient, open_source
-from .localize import compare_tensors, files_of, localize, localize_nonfinite
+from .baseline import Baseline, Source, baseline, open_lenient, open_source
+from .forcing import Forcing
+from .localize import compare_tensors, files_of, localize, localize_layers, localize_nonfinite
 from .memory import memory_plan
-from .metrics import TIERS, Thresholds, compare_logits, summarize
+from .metrics import TIERS, Thresholds, compare_logits, limit_problem, summarize
 from .prompts import DEFAULT_PROMPTS, check_ids, default_ids, read_prompts_file, read_tokens_file, tokenize
 from .reference import Logits, PromptRecord, Reference, make_projection
 from .reference import save_reference as write_reference
-from .result import MemoryPlan, PromptResult, VerifyReport
+from .result import LayerResult, MemoryPlan, PromptResult, VerifyReport
 from .run import RunOptions, has_mtp_tensors, run_checkpoint
 from .structure import RUNNABLE_KINDS, check_checksums, check_structure, gather_problems
 from .tiers import choose_tier, probe_difference
@@ -52,6 +55,7 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "MemoryPlan",
     "VerifyReport",
+    "check_limits",
     "dist_info",
     "planned_bytes",
     "read_prompts_file",
@@ -85,12 +89,24 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return d
 
 
+def check_limits(thresholds: Thresholds | dict | None) -> None:
+    """Refuse unknown limits and limits outside their range (one line naming the option), before anything runs."""
+    if isinstance(thresholds, Thresholds):
+        values = {k: v for k, v in thresholds.as_dict().items() if k != "tier"}
+    else:
+        values = dict(thresholds or {})
+        unknown = set(values) - {f.name for f in fields(Thresholds)} | ({"tier"} & set(values))
+        if unknown:
+            raise Dsv3Error(f"unknown threshold(s): {', '.join(sorted(unknown))}")
+    for k, v in values.items():
+        why = limit_problem(k, v)
+        if why:
+            raise Dsv3Error(why)
+
+
 def _thresholds(thresholds: Thresholds | dict | None, tier: str) -> Thresholds:
     if isinstance(thresholds, Thresholds):
         return thresholds
-    unknown = set(thresholds or {}) - {f.name for f in fields(Thresholds)} | ({"tier"} & set(thresholds or {}))
-    if unknown:
-        raise Dsv3Error(f"unknown threshold(s): {', '.join(sorted(unknown))}")
     return TIERS[tier].override(**(thresholds or {}))
 
 
@@ -135,6 +151,7 @@ def verify_checkpoint(
         raise Dsv3Error(f"--gemm must be bf16 or fp8 and --engine torch or triton (got {gemm!r}, {engine!r})")
     if topk is not None and topk < 1:
         raise Dsv3Error("--topk must be >= 1")
+    check_limits(thresholds)
     if save_reference is not None:  # before any weight is read
         check_destination(save_reference, folder=False)
     rank, world = dist_info()
@@ -216,13 +233,28 @@ def verify_checkpoint(
         rep.failures.append(f"{len(blocking)} structural problem(s) keep the model from loading; numeric check skipped")
         return done()
 
-    # 3. the memory plan, 4. the candidate's run
+    # 3. the memory plan, 4. the runs: a reference folder's first (its layer inputs teach the candidate's layers)
     plan = memory_plan(ck, ids, device=device, stream=stream, dtype=dtype, gemm=gemm)
     rep.memory = plan
     tell("memory", plan)
     opts = RunOptions(device, engine, gemm, dtype, plan.mode == "stream")
+    base: Baseline | None = None
+    if src is not None:
+        base = baseline(src, ids, opts, mtp=do_mtp, projection=projection, progress=progress)
+    forcing = None
+    if base is not None and base.ref.has_inputs:
+        forcing = Forcing(base.ref, cfg.num_hidden_layers, do_mtp)
+    elif base is not None:
+        fmt = base.ref.meta.get("format_version")
+        warnings.append(
+            f"the reference file (format {fmt}) holds no layer inputs: layers are not judged alone (teacher "
+            "forcing), only the logits; save the reference again with this version for per-layer checks"
+        )
     try:
-        cand = run_checkpoint(ck, ids, opts, mtp=do_mtp, projection=projection, progress=progress)
+        cand = run_checkpoint(
+            ck, ids, opts, mtp=do_mtp, projection=projection, progress=progress,
+            keep_hidden=save_reference is not None, teacher=forcing,
+        )  # fmt: skip
     except CheckpointError as e:  # a tensor the structural pass could not see (e.g. truncated data)
         rep.problems.append(e.as_dict())
         rep.verdict = "fail"
@@ -238,15 +270,16 @@ def verify_checkpoint(
         rep.divergence = localize_nonfinite(cand.prompts)
     if save_reference is not None:
         _save(rep, cand, save_reference, topk, fails=bool(problems or nonfinite), lead=rank == 0, tell=tell)
-    if src is None:
+    if base is None:
         if problems:
             rep.failures.append(f"{len(problems)} structural problem(s)")
         rep.verdict = "fail" if rep.failures else "pass"
         return done()
 
     # 5. compare
-    base = baseline(src, ids, opts, mtp=do_mtp, projection=projection, progress=progress)
-    _compare(rep, ck, base.ref, cand, base.ck, tier, thresholds, do_mtp)
+    if forcing is not None and forcing.skipped:
+        warnings.append(f"the reference did not record the input of layer(s) {forcing.skipped}: not judged alone")
+    _compare(rep, ck, base.ref, cand, base.ck, tier, thresholds, do_mtp, forcing)
     if problems:
         rep.failures.append(f"{len(problems)} structural problem(s)")
         rep.verdict = "fail"
@@ -267,6 +300,7 @@ def _save(
             r.hidden_norm,
             r.hidden_proj,
             Logits.from_full(r.mtp.full, topk) if r.mtp is not None else None,
+            r.hidden,
         )
         for r in cand.prompts
     ]
@@ -286,8 +320,10 @@ def _compare(
     tier: str | None,
     thresholds: Thresholds | dict | None,
     do_mtp: bool,
+    forcing: Forcing | None = None,
 ) -> None:
-    """Judge ``cand`` against ``ref``: the tier and its limits, per-prompt metrics, and where a failure starts."""
+    """Judge ``cand`` against ``ref``: the tier and its limits, per-prompt metrics, every teacher-forced layer, and
+    where a failure starts."""
     cfg = ck.config
     probe = probe_difference(ref.probe, cand.probe) if ref.probe and cand.probe else None
     auto, reasons = choose_tier(ref.meta, cand.meta, probe)
@@ -309,20 +345,46 @@ def _compare(
         fails = st.failures(th) + ([f"MTP: {f}" for f in mst.failures(th.for_mtp())] if mst else [])
         rep.prompts.append(PromptResult(i, len(r.ids), st, mst, fails))
     rep.overall = summarize(per)
-    rep.failures += rep.overall.failures(th)
+    main = rep.overall.failures(th)
+    rep.failures += main
+    rep.logits_ok = not main
     if per_mtp:
         rep.mtp_overall = summarize(per_mtp)
-        rep.failures += [f"MTP: {f}" for f in rep.mtp_overall.failures(th.for_mtp())]
+        mtp_fails = rep.mtp_overall.failures(th.for_mtp())
+        rep.failures += [f"MTP: {f}" for f in mtp_fails]
+        rep.mtp_logits_ok = not mtp_fails
+    if forcing is not None:
+        for L, ls in sorted(forcing.layers.items()):
+            rep.layers.append(LayerResult(L, f"layer {L} (model.layers.{L})", stats=ls, failures=ls.failures(th)))
+        if forcing.mtp_stats is not None:  # judged alone: no relaxation for an already perturbed input
+            L = cfg.num_hidden_layers
+            fails = forcing.mtp_stats.failures(th)
+            rep.layers.append(
+                LayerResult(L, f"the MTP module (model.layers.{L})", logits=forcing.mtp_stats, failures=fails)
+            )
+        bad = [r for r in rep.layers if r.failures]
+        if bad:
+            rep.failures.append(
+                f"{len(bad)} layer(s) fail on the reference's inputs (teacher-forced): "
+                + ", ".join(r.where.split(" (")[0] for r in bad)
+            )
     rep.verdict = "fail" if rep.failures else "pass"
     if rep.verdict == "fail":
-        distributed = max(ref.meta["run"].get("world", 1), cand.meta["run"]["world"]) > 1
-        skip = frozenset({0}) if distributed else frozenset()
-        rep.divergence = localize(ref.prompts, cand.prompts, th.hidden_tol, cfg, skip)
-        if not rep.overall.failures(th) and rep.mtp_overall is not None:
-            rep.divergence.where = f"the MTP module (model.layers.{cfg.num_hidden_layers})"
+        if rep.layers:
+            rep.divergence = localize_layers(rep.layers, not rep.logits_ok)
+        else:
+            distributed = max(ref.meta["run"].get("world", 1), cand.meta["run"]["world"]) > 1
+            skip = frozenset({0}) if distributed else frozenset()
+            rep.divergence = localize(ref.prompts, cand.prompts, th.hidden_tol, cfg, skip)
+        d = rep.divergence
+        mtp_only = rep.logits_ok and rep.mtp_overall is not None
+        if mtp_only and (d.layer is None or not rep.layers):  # the main model agrees: the MTP module does not
+            d.where = f"the MTP module (model.layers.{cfg.num_hidden_layers})"
         if ref_ck is not None:
             d = rep.divergence
-            focus = [d.layer if d.layer is not None and d.layer >= 0 else None]
+            focus = [r.layer for r in rep.layers if r.failures] or [
+                d.layer if d.layer is not None and d.layer >= 0 else None
+            ]
             if d.where.startswith("the MTP"):
                 focus = [cfg.num_hidden_layers]
             rep.tensor_diffs = compare_tensors(ck, ref_ck, focus, th)

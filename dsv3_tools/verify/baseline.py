@@ -91,10 +91,10 @@ def baseline(
     projection: torch.Tensor,
     progress: Progress | None = None,
 ) -> Baseline:
-    """The reference's records for ``ids``: a file's as loaded, a folder's by running it like the candidate."""
+    """The reference's records for ``ids``: a file's as loaded, a folder's by running it like the candidate (every
+    layer's input kept: the candidate's layers are then run on them)."""
     if src.loaded is not None:
         return Baseline(src.loaded)
-    run = run_checkpoint(
-        src.ck, ids, opts, mtp=mtp and has_mtp_tensors(src.ck), projection=projection, progress=progress
-    )
+    mtp = mtp and has_mtp_tensors(src.ck)
+    run = run_checkpoint(src.ck, ids, opts, mtp=mtp, projection=projection, progress=progress, keep_hidden=True)
     return Baseline(run, src.ck)

@@ -1,5 +1,6 @@
-"""Where a failing comparison goes wrong: the first diverging layer (from the hidden-state summaries), and against
-a reference checkpoint the tensors that differ and the files holding them."""
+"""Where a failing comparison goes wrong: the first layer failing on the reference's inputs (teacher-forced), or
+without those the first diverging layer of the free run (from the hidden-state summaries), and against a reference
+checkpoint the tensors that differ and the files holding them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ..checkpoint import Checkpoint
 from ..config import ModelConfig
 from .metrics import Thresholds, hidden_errors
 from .reference import PromptRecord
-from .result import Divergence, TensorDiff
+from .result import Divergence, LayerResult, TensorDiff
 from .run import has_mtp_tensors
 
 
@@ -41,6 +42,24 @@ def localize(
             return Divergence(k - 1, label(k), e, where[k][0], where[k][1], errs)
     last = "after the last layer (model.norm / lm_head): no hidden-state row exceeds the tolerance"
     return Divergence(None, last, max((e for e in errs if e == e), default=0.0), None, None, errs)
+
+
+def localize_layers(layers: list[LayerResult], logits_fail: bool) -> Divergence:
+    """The first main layer failing its teacher-forced check (the report lists every one); when none fails, after
+    the last layer (final norm / head) if the main logits fail, else the MTP module if it fails alone (its forced
+    run also goes through the final norm, so a final-norm fault fails it too: the main logits tell first)."""
+    errs = [r.stats.rel_max if r.stats is not None else r.logits.kl_max for r in layers]
+    for r in layers:
+        if r.failures and r.stats is not None:
+            return Divergence(r.layer, r.where, r.stats.rel_max, r.stats.prompt, r.stats.position, errs)
+    last = "after the last layer (model.norm / lm_head): every layer passes on the reference's inputs"
+    worst = max((e for e, r in zip(errs, layers) if e == e and r.stats is not None), default=0.0)
+    if logits_fail:
+        return Divergence(None, last, worst, None, None, errs)
+    for r in layers:
+        if r.failures:
+            return Divergence(r.layer, r.where, r.logits.kl_max, None, None, errs)
+    return Divergence(None, last, worst, None, None, errs)
 
 
 def _effective(ck: Checkpoint, name: str) -> torch.Tensor:
@@ -94,7 +113,10 @@ def compare_tensors(
     for name in focus + rest:
         in_focus = layer_of(name) in layers
         ia, ib = ck.tensors[name], ref.tensors[name]
-        exact_fmt = same_fmt and ia.dtype == ib.dtype
+        # A tensor without a scale on either side (norms, router, embedding, head) no conversion changes: its
+        # bytes must match whatever the weights' format.
+        plain = ia.dtype == ib.dtype and N.scale_name(name) not in ck.tensors and N.scale_name(name) not in ref.tensors
+        exact_fmt = (same_fmt and ia.dtype == ib.dtype) or (plain and not N.is_scale(name))
         if not in_focus and (not exact_fmt or spent > budget):
             continue
         if N.is_scale(name):
@@ -120,7 +142,7 @@ def compare_tensors(
         if torch.equal(a, b):
             continue
         rel = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-        if rel != rel or rel > th.weight_tol or (exact_fmt and th.weight_tol == 0.0):
+        if rel != rel or rel > th.weight_tol or (exact_fmt and (plain or th.weight_tol == 0.0)):
             idx = (a != b).nonzero()
             first = [int(x) for x in idx[0]] if len(idx) else []
             values.append(TensorDiff(name, "value", f"{len(idx)} of {a.numel()} values differ, first at {first}", rel))

@@ -11,6 +11,11 @@ One safetensors file (written atomically) holding, per prompt ``i``:
 - ``prompt.{i}.hidden.norm``     F32 [R, T]     L2 norm of the residual stream per position, R = 1 + layers
   ``prompt.{i}.hidden.proj``     F32 [R, T, P]  the residual stream projected on ``projection``; row 0 is the
                                                 embedding output, row 1 + L the output of decoder layer L
+  ``prompt.{i}.hidden.full``     F32 [R, T, H]  the residual stream itself, the same rows (BF16 when the run
+                                                computed in bfloat16: stored as computed, so lossless): row L is
+                                                layer L's input, row L + 1 its output; a later run feeds row L to
+                                                its own layer L (teacher forcing). Format 2; NaN rows were not
+                                                recorded (the embedding row under torchrun)
 and, once:
 
 - ``projection``                 F32 [H, P]     fixed random Gaussian matrix / sqrt(P) (seed in the metadata)
@@ -18,6 +23,8 @@ and, once:
                                                 ``kv_a_proj_with_mqa``: one row of every block row, which tells
                                                 "same effective weights" from "re-quantized" without reading more
 - metadata ``dsv3_verify``: one JSON string (tool version, checkpoint fingerprint, precision path, device ...).
+
+Format 1 (before the layer inputs) is still read: its comparisons have no per-layer teacher forcing.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from ..errors import Dsv3Error
 from ..writer import SafetensorsWriter
 
 FORMAT = "dsv3-verify-reference"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: no ``hidden.full`` (no teacher forcing)
 META_KEY = "dsv3_verify"
 PROJ_DIM = 32
 PROJ_SEED = 20261129
@@ -76,6 +84,7 @@ class PromptRecord:
     hidden_norm: torch.Tensor  # [R, T] f32 (NaN where not recorded)
     hidden_proj: torch.Tensor  # [R, T, P] f32
     mtp: Logits | None = None
+    hidden: torch.Tensor | None = None  # [R, T, H] f32 or bf16: every layer's input and the last one's output
 
 
 @dataclass
@@ -94,6 +103,11 @@ class Reference:
     @property
     def has_mtp(self) -> bool:
         return bool(self.prompts) and all(p.mtp is not None for p in self.prompts)
+
+    @property
+    def has_inputs(self) -> bool:
+        """Whether every layer's input hidden states are held (what teacher forcing needs)."""
+        return bool(self.prompts) and all(p.hidden is not None for p in self.prompts)
 
 
 def make_projection(hidden: int, dim: int = PROJ_DIM, seed: int = PROJ_SEED) -> torch.Tensor:
@@ -128,6 +142,8 @@ def save_reference(path: str | Path, ref: Reference) -> int:
             tensors += _logits_entries(pre + "mtp.", p.mtp)
         tensors.append((pre + "hidden.norm", p.hidden_norm.float()))
         tensors.append((pre + "hidden.proj", p.hidden_proj.float()))
+        if p.hidden is not None:
+            tensors.append((pre + "hidden.full", p.hidden if p.hidden.dtype == torch.bfloat16 else p.hidden.float()))
     for layer, rows in sorted(ref.probe.items()):
         tensors.append((f"probe.{layer}", rows.to(torch.bfloat16)))
     from ..stfile import dtype_name
@@ -176,8 +192,11 @@ def load_reference(path: str | Path) -> Reference:
         meta = json.loads(raw_meta)
     except json.JSONDecodeError:
         raise ReferenceError(f"{p}: corrupt reference metadata") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ReferenceError(f"{p}: reference format {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+    if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
+        raise ReferenceError(
+            f"{p}: reference format {meta.get('format_version')!r} is not one this version reads "
+            f"({', '.join(map(str, READABLE_VERSIONS))}): save the reference again with this version"
+        )
     tensors: dict[str, torch.Tensor] = {}
     with open(p, "rb") as f:
         for name, info in hdr.tensors.items():
@@ -213,9 +232,11 @@ def load_reference(path: str | Path) -> Reference:
         ids = need(pre + "ids").to(torch.int64)
         if lg.rows != ids.numel():
             raise ReferenceError(f"{p}: prompt {i} has {ids.numel()} ids but {lg.rows} logits rows")
-        prompts.append(
-            PromptRecord(ids, lg, need(pre + "hidden.norm"), need(pre + "hidden.proj"), logits(pre + "mtp."))
-        )
+        norm = need(pre + "hidden.norm")
+        full = tensors.get(pre + "hidden.full")
+        if full is not None and (full.dim() != 3 or tuple(full.shape[:2]) != (norm.shape[0], ids.numel())):
+            raise ReferenceError(f"{p}: prompt {i}: hidden.full {list(full.shape)} does not match its hidden.norm")
+        prompts.append(PromptRecord(ids, lg, norm, need(pre + "hidden.proj"), logits(pre + "mtp."), full))
     if not prompts:
         raise ReferenceError(f"{p}: the reference holds no prompts")
     probe = {int(n.split(".")[1]): t for n, t in tensors.items() if n.startswith("probe.")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .metrics import LogitStats
+from .metrics import LayerStats, LogitStats
 
 
 @dataclass
@@ -47,7 +47,21 @@ class Divergence:
     error: float
     prompt: int | None = None
     position: int | None = None
-    layer_errors: list[float] = field(default_factory=list)  # row 0: embedding, then layer 0, 1, ...
+    # Without teacher forcing: each hidden-state row's error (row 0: embedding, then layer 0, 1, ...); with it, each
+    # judged layer's worst-position error (the MTP module's max KL), in the order of ``VerifyReport.layers``.
+    layer_errors: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LayerResult:
+    """A layer judged alone (teacher-forced on the reference's input): a decoder layer by its output (``stats``),
+    the MTP module by its logits (``logits``)."""
+
+    layer: int
+    where: str
+    stats: LayerStats | None = None
+    logits: LogitStats | None = None
+    failures: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +92,9 @@ class VerifyReport:
     prompts: list[PromptResult] = field(default_factory=list)
     overall: LogitStats | None = None
     mtp_overall: LogitStats | None = None
+    logits_ok: bool | None = None  # the main logits within their limits (None: not compared)
+    mtp_logits_ok: bool | None = None
+    layers: list[LayerResult] = field(default_factory=list)  # teacher-forced, when the reference holds the inputs
     failures: list[str] = field(default_factory=list)
     divergence: Divergence | None = None
     tensor_diffs: list[TensorDiff] = field(default_factory=list)

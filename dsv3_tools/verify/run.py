@@ -1,5 +1,6 @@
 """Running a checkpoint on prompts and keeping what a comparison needs: the logits of every position, a summary
-of every layer's hidden states, a weight probe and the run's metadata, as a ``Reference``."""
+of every layer's hidden states (and, to be a reference, the hidden states themselves), a weight probe and the
+run's metadata, as a ``Reference``; a ``teacher`` hook also runs each layer on a reference's inputs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +21,9 @@ from ..stfile import TensorInfo, torch_dtype
 from ..writer import TOOL_VERSION, source_fingerprint
 from .memory import device_desc, layer_bytes
 from .reference import PROJ_SEED, Logits, PromptRecord, Reference
+
+if TYPE_CHECKING:
+    from ..model import Teacher
 
 Progress = Callable[[int], None]
 
@@ -116,9 +121,14 @@ def run_checkpoint(
     mtp: bool,
     projection: torch.Tensor,
     progress: Progress | None = None,
+    keep_hidden: bool = False,
+    teacher: Teacher | None = None,
 ) -> Reference:
     """Run the model on ``ids``: full logits of every position, per-layer hidden summaries, the weight probe and
-    the run's metadata, as a ``Reference`` (what ``--save-reference`` writes, what a comparison takes)."""
+    the run's metadata, as a ``Reference`` (what ``--save-reference`` writes, what a comparison takes).
+
+    ``keep_hidden``: also keep every layer's input hidden states (a reference others are teacher-forced on);
+    ``teacher``: the model's teacher-forcing hook, called as each layer is loaded."""
     from ..model import run_model
 
     cfg = ck.config
@@ -127,10 +137,15 @@ def run_checkpoint(
     P = projection.shape[1]
     norms = [torch.full((L + 1, len(r)), float("nan")) for r in ids]
     projs = [torch.full((L + 1, len(r), P), float("nan")) for r in ids]
+    # Stored as computed (bf16 stays bf16), so that a layer fed this input reproduces this run's output exactly.
+    keep = torch.bfloat16 if opts.dtype == torch.bfloat16 else torch.float32
+    full = [torch.full((L + 1, len(r), cfg.hidden_size), float("nan"), dtype=keep) for r in ids] if keep_hidden else []
     if world == 1:  # the embedding summary reads rows of every rank's file: single process only
         for i, r in enumerate(ids):
             e = _embedding_rows(ck, r)
             norms[i][0], projs[i][0] = e.norm(dim=-1), e @ projection
+            if keep_hidden:
+                full[i][0] = e.to(opts.dtype)  # the model's own rounding of the embedding to the compute dtype
     lbytes = layer_bytes(ck)
 
     def on_layer(layer: int, hidden: list[torch.Tensor]) -> None:
@@ -138,14 +153,17 @@ def run_checkpoint(
             h = h.detach().to("cpu", torch.float32)
             norms[i][1 + layer] = h.norm(dim=-1)
             projs[i][1 + layer] = h @ projection
+            if keep_hidden:
+                full[i][1 + layer] = h
         if progress:
             progress(lbytes.get(layer, 0))
 
     device, engine, gemm, dtype, stream = opts.device, opts.engine, opts.gemm, opts.dtype, opts.stream
     t0 = time.perf_counter()
     out = run_model(
-        ck, ids, device=device, engine=engine, gemm=gemm, stream=stream, mtp=mtp, on_layer=on_layer, dtype=dtype
-    )
+        ck, ids, device=device, engine=engine, gemm=gemm, stream=stream, mtp=mtp, on_layer=on_layer, dtype=dtype,
+        teacher=teacher,
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
     if progress:
         progress(sum(v for k, v in lbytes.items() if k is None or k >= L))
@@ -155,7 +173,8 @@ def run_checkpoint(
         if tuple(lg.shape) != (len(r), cfg.vocab_size):
             raise AssertionError(f"run_model returned logits {list(lg.shape)} for a {len(r)}-token prompt")
         m = Logits.from_full(out.mtp_logits[i]) if mtp and out.mtp_logits is not None else None
-        records.append(PromptRecord(torch.tensor(r, dtype=torch.int64), Logits.from_full(lg), norms[i], projs[i], m))
+        ids_i = torch.tensor(r, dtype=torch.int64)
+        records.append(PromptRecord(ids_i, Logits.from_full(lg), norms[i], projs[i], m, full[i] if full else None))
     q = cfg.quant
     meta = {
         "tool": "dsv3-tools",
@@ -182,7 +201,12 @@ def run_checkpoint(
             "mtp": mtp,
         },
         "vocab_size": cfg.vocab_size,
-        "hidden": {"rows": ["embedding"] + list(range(L)), "proj_dim": P, "proj_seed": PROJ_SEED},
+        "hidden": {
+            "rows": ["embedding"] + list(range(L)),
+            "proj_dim": P,
+            "proj_seed": PROJ_SEED,
+            "full": str(keep).removeprefix("torch.") if keep_hidden else None,
+        },
         "probe": {"tensor": "self_attn.kv_a_proj_with_mqa", "rows_every": cfg.block_size[0]},
         "seconds": round(seconds, 3),
     }
