@@ -246,6 +246,14 @@ def verify(
 ) -> None:
     """Check a checkpoint's structure and compare its logits with a reference. Exit 0 pass, 1 fail, 2 bad input."""
     from . import report
+    from .checkpoint import open_checkpoint
+    from .errors import Dsv3Error
+
+    # A bad path answers before torch is imported (the verify package needs it): the same errors verify gives.
+    if not ckpt.is_dir() or not any(ckpt.glob("*.safetensors")):
+        open_checkpoint(ckpt)
+    if reference is not None and not reference.exists():
+        raise Dsv3Error(f"{reference}: no such reference file or folder")
     from .runtime import init_distributed, resolve_device, resolve_engine
     from .verify import check_limits, planned_bytes, read_prompts_file, read_tokens_file, verify_checkpoint
 

@@ -198,6 +198,33 @@ def test_demo_never_deletes_what_it_did_not_make(tmp_path: Path) -> None:
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "{x}"],
+        ["cast", "fp8-bf16", "{x}", "{out}"],
+        ["shard", "{x}", "{out}", "--mp", "2"],
+        ["verify", "{x}", "--reference", "{x}/r.safetensors"],
+        ["generate", "{x}", "--prompt", "hi"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_a_bad_path_answers_before_torch_is_imported(args: list[str], tmp_path: Path) -> None:
+    """Every command that reads a checkpoint answers a missing one without importing torch (seconds of start-up)."""
+    argv = [a.format(x=tmp_path / "missing", out=tmp_path / "out") for a in args]
+    code = (
+        "import sys\n"
+        "from dsv3_tools.cli import main\n"
+        f"sys.argv = ['dsv3-tools', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(code)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    line = one_line(r.stderr)
+    assert r.returncode == 2 and "missing" in line and "torch was imported" not in r.stderr, r.stderr
+
+
 def test_offline_without_a_copy_speaks_the_cli_language(tmp_path: Path) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     r = cli("download", "org/not-here", env=env)
