@@ -432,6 +432,13 @@ def generate(
         bool | None, typer.Option("--cuda-graph/--no-cuda-graph", help="Replay the decode step (default: on cuda).")
     ] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at EOS (benchmarks).")] = False,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            help="mtp: greedy decoding with the checkpoint's MTP module drafting the token after next, checked in "
+            "the next step (the same tokens as plain greedy; two tokens a step when a draft is right; one process)."
+        ),
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per request on stdout.")] = False,
 ) -> None:
     """Run the model: chat (no --prompt / --input-file), or a batch of prompts. Exit 0, or 2 on bad input."""
@@ -443,6 +450,7 @@ def generate(
         top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         max_new_tokens=max_new_tokens, stop=tuple(stop or ()), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
         json=json_, device=device, engine=engine, gemm=gemm, dtype=dtype, cuda_graph=cuda_graph, ignore_eos=ignore_eos,
+        speculative=speculative,
     )  # fmt: skip
     raise typer.Exit(run_generate(opts, report.generate_ui(json_)))
 

@@ -289,11 +289,12 @@ class Step:
 
     cache: KVCache
     positions: torch.Tensor  # [B] position of each sequence's new token
-    rows: torch.Tensor  # [B] 0 .. B-1, the cache slots
+    rows: torch.Tensor  # [B] the cache slot of each token: 0 .. B-1, or repeated (several tokens of a sequence)
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, rope dims / 2]
     mask: torch.Tensor  # [B, kv_len] True where a cached position lies after the new token (not attended)
     kv_len: int  # cached positions attended to (max_len for a CUDA graph: static shapes)
     static: bool  # fixed shapes and no host sync (CUDA graph capture)
+    contiguous: bool = True  # rows are 0 .. B-1 (the cache's first B slots are read as a view, not gathered)
 
 
 class Layer:
@@ -430,8 +431,8 @@ class Layer:
         q_pe = apply_rope(q[..., nope:], cos, sin)
         k_pe = apply_rope(k_pe[:, None, :], cos, sin)[:, 0]
         c = step.cache.data[self.L]
-        c[step.rows, step.positions] = torch.cat([latent, k_pe], dim=-1)
-        c = c[:B, : step.kv_len]
+        c[step.rows, step.positions] = torch.cat([latent, k_pe], dim=-1)  # every token's row, then attention
+        c = c[:B, : step.kv_len] if step.contiguous else c[step.rows, : step.kv_len]
         w_k, w_v = self.absorbed
         q_lat = torch.einsum("bhd,hdc->bhc", q[..., :nope], w_k)
         s = torch.einsum("bhc,bsc->bhs", q_lat, c[..., :kvr]) + torch.einsum("bhr,bsr->bhs", q_pe, c[..., kvr:])
@@ -582,6 +583,7 @@ class Model:
         self.layers: list[Layer] | None = None
         self.head: Head | None = None
         self.embed: Embedding | None = None
+        self.drafter: MtpDraft | None = None  # the MTP module for speculative decoding (load_drafter)
         if resident:
             with torch.inference_mode():
                 self.embed = Embedding(env, "model.embed_tokens.weight")
@@ -663,20 +665,25 @@ class Model:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """The decoding cache for ``batch`` sequences of up to ``max_len`` tokens (zeros), and every position's rope
-        table; also prepares each layer's absorbed ``kv_b`` once."""
+        table; also prepares each layer's absorbed ``kv_b`` once. With the drafter loaded, one more cache layer
+        (index ``num_hidden_layers``) holds the MTP module's rows."""
         env, cfg = self.env, self.env.cfg
         _, layers, _ = self._resident()
-        for layer in layers:
+        blocks = layers + ([self.drafter.layer] if self.drafter is not None else [])
+        for layer in blocks:
             if layer.absorbed is None:
                 layer.prepare_decode()
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-        data = torch.zeros(len(layers), batch, max_len, width, dtype=env.dtype, device=env.device)
+        data = torch.zeros(len(blocks), batch, max_len, width, dtype=env.dtype, device=env.device)
         cos, sin = rope_tables(cfg, torch.arange(max_len))
         return KVCache(data, cos.to(env.device), sin.to(env.device))
 
-    def prefill(self, prompts: list[list[int]], cache: KVCache, slots: list[int] | None = None) -> torch.Tensor:
+    def prefill(
+        self, prompts: list[list[int]], cache: KVCache, slots: list[int] | None = None, hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run whole prompts (non-absorbed attention, as ``forward``), write their cache rows from position 0 into
-        ``slots`` (default 0, 1, ...), and return float32 logits of each prompt's last position [n, vocab]."""
+        ``slots`` (default 0, 1, ...), and return float32 logits of each prompt's last position [n, vocab]; with
+        ``hidden`` also every position's final hidden state (before the final norm) [sum of lengths, H]."""
         env, cfg = self.env, self.env.cfg
         embed, layers, head = self._resident()
         _check_prompts(cfg, prompts)
@@ -693,7 +700,7 @@ class Model:
             for layer in layers:
                 h = layer(h, lens, rope, (cache, slots))
             last = torch.tensor([sl.stop - 1 for sl in _slices(lens)], device=env.device)
-            return head(h[last])
+            return (head(h[last]), h) if hidden else head(h[last])
 
     def decode(
         self,
@@ -702,22 +709,46 @@ class Model:
         cache: KVCache,
         kv_len: int | None = None,
         static: bool = False,
-    ) -> torch.Tensor:
+        slots: torch.Tensor | None = None,
+        hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One token for each of the first B slots: ``tokens`` and ``positions`` [B] (long, on the device). Writes
         their cache rows, attends over cached positions ``< kv_len`` (default: all), returns float32 logits [B,
         vocab]. Nothing here reads the device from the host, so with ``static`` (and ``kv_len`` left at the cache
-        length) a CUDA graph can capture it."""
+        length) a CUDA graph can capture it.
+
+        ``slots`` [B] (speculative decoding): each token's cache slot instead of 0 .. B-1, so that several tokens
+        of one sequence (consecutive positions) run in one step; each sees the rows written before it in the step.
+        ``hidden``: also return the final hidden states (before the final norm) [B, H]."""
         embed, layers, head = self._resident()
         kv_len = cache.max_len if kv_len is None else kv_len
         B = tokens.shape[0]
-        rows = torch.arange(B, device=tokens.device)
+        contiguous = slots is None
+        rows = torch.arange(B, device=tokens.device) if slots is None else slots
         mask = torch.arange(kv_len, device=tokens.device)[None, :] > positions[:, None]
-        step = Step(cache, positions, rows, (cache.cos[positions], cache.sin[positions]), mask, kv_len, static)
+        rope = (cache.cos[positions], cache.sin[positions])
+        step = Step(cache, positions, rows, rope, mask, kv_len, static, contiguous)
         with torch.inference_mode():
             h = embed(tokens)
             for layer in layers:
                 h = layer.decode(h, step)
-            return head(h)
+            return (head(h), h) if hidden else head(h)
+
+    # ------------------------------------------------------------------ the MTP module as a drafter
+    def load_drafter(self) -> MtpDraft:
+        """Read the first MTP module and keep it resident for speculative decoding (``new_cache`` then gives it
+        its cache rows); ``ConfigError`` when the checkpoint has none."""
+        env, cfg = self.env, self.env.cfg
+        embed, _, head = self._resident()
+        if cfg.num_nextn_predict_layers < 1 or not env.has(f"model.layers.{cfg.num_hidden_layers}.eh_proj.weight"):
+            raise ConfigError(
+                f"{env.ck.path}: no MTP module (model.layers.{cfg.num_hidden_layers}.*): speculative decoding drafts "
+                "with it (cast and shard keep it with --mtp keep)"
+            )
+        if self.drafter is None:
+            with torch.inference_mode():
+                self.drafter = MtpDraft(env, embed, head.norm)
+        return self.drafter
 
 
 def load_model(
@@ -831,6 +862,59 @@ class Mtp:
             else:
                 logits = torch.zeros((0, cfg.vocab_size))
         return [t.cpu() for t in logits.split(mlens)]
+
+
+class MtpDraft:
+    """The first MTP module, resident, as a drafter: at position j it reads the main model's final hidden state
+    h_j and the next token t_{j+1} and predicts t_{j+2} (the same function as ``Mtp``: enorm of the token's
+    embedding, hnorm of the final-normed h_j, ``eh_proj``, one decoder block, the shared head). Its block keeps
+    its own rows in the decoding cache (layer index ``num_hidden_layers``)."""
+
+    def __init__(self, env: Env, embed: Embedding, final_norm: torch.Tensor):
+        cfg = env.cfg
+        n = cfg.num_hidden_layers
+        p = f"model.layers.{n}."
+        self.env, self.final_norm = env, final_norm
+        self.embed = Embedding(env, p + "embed_tokens.weight") if env.has(p + "embed_tokens.weight") else embed
+        self.enorm, self.hnorm = env.norm(p + "enorm.weight"), env.norm(p + "hnorm.weight")
+        self.eh_proj = env.linear(p + "eh_proj.weight")
+        self.layer = Layer(env, n)
+        self.head = Head(env, p + "shared_head.norm.weight", p + "shared_head.head.weight")
+
+    def _input(self, h: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        eps = self.env.cfg.rms_norm_eps
+        e = rms_norm(self.embed(next_tokens), self.enorm, eps)
+        hm = rms_norm(rms_norm(h, self.final_norm, eps), self.hnorm, eps)
+        return self.eh_proj(torch.cat([e, hm], dim=-1))
+
+    def prefill(self, h: torch.Tensor, next_tokens: torch.Tensor, lens: list[int], cache: KVCache) -> torch.Tensor:
+        """Every position of each prompt (h [sum of lengths, H] from ``Model.prefill``, the token after each
+        position), cache rows written from position 0 into slots 0, 1, ...; float32 logits of each prompt's last
+        position [n, vocab]: the draft of the token after the one just chosen."""
+        env = self.env
+        positions = torch.cat([torch.arange(T) for T in lens]).to(env.device)
+        with torch.inference_mode():
+            x = self.layer(self._input(h, next_tokens), lens, (cache.cos[positions], cache.sin[positions]),
+                           (cache, list(range(len(lens)))))  # fmt: skip
+            last = torch.tensor([sl.stop - 1 for sl in _slices(lens)], device=env.device)
+            return self.head(x[last])
+
+    def decode(
+        self,
+        h: torch.Tensor,
+        next_tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+        kv_len: int,
+    ) -> torch.Tensor:
+        """One row per (h_j, t_{j+1}) at position j of slot ``slots`` (attending to positions ``< kv_len``);
+        float32 logits [rows, vocab]."""
+        mask = torch.arange(kv_len, device=positions.device)[None, :] > positions[:, None]
+        rope = (cache.cos[positions], cache.sin[positions])
+        step = Step(cache, positions, slots, rope, mask, kv_len, False, False)
+        with torch.inference_mode():
+            return self.head(self.layer.decode(self._input(h, next_tokens), step))
 
 
 def _slices(lens: list[int]) -> list[slice]:

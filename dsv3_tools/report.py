@@ -433,9 +433,11 @@ def render_generation(r: Any, streamed: bool) -> None:
     """A finished request: its text (unless it was streamed) and one line of figures."""
     n = len(r.output_ids)
     rate = f", {n / r.decode_seconds:.1f} tokens/s" if r.decode_seconds > 0 else ""
+    spec = r.speculative
+    drafts = f", MTP drafts accepted {spec['accepted']}/{spec['drafted']}" if spec else ""
     figures = (
         f"[{r.finish_reason}, {len(r.prompt_ids)} + {n} tokens, prefill {r.prefill_seconds:.3f} s, "
-        f"decode {r.decode_seconds:.3f} s{rate}]"
+        f"decode {r.decode_seconds:.3f} s{rate}{drafts}]"
     )
     if streamed:
         stream_text("\n")

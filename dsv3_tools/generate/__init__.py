@@ -55,6 +55,7 @@ class Options:
     dtype: str = "auto"
     cuda_graph: bool | None = None  # default: on for CUDA
     ignore_eos: bool = False
+    speculative: str | None = None  # "mtp": greedy decoding with the MTP module's drafts
 
     @property
     def interactive(self) -> bool:
@@ -183,7 +184,7 @@ def _checked_plan(cfg, opts: Options, device: str, dtype, world: int, batch: int
         dev = torch.device("cuda", torch.cuda.current_device())
     plan = make_plan(
         cfg, world=world, batch=batch, max_len=max_len, dtype=dtype, gemm=opts.gemm, device=str(dev),
-        available=available_bytes(str(dev)),
+        available=available_bytes(str(dev)), mtp=opts.speculative == "mtp",
     )  # fmt: skip
     problem = None
     try:
@@ -202,6 +203,21 @@ def _checked_plan(cfg, opts: Options, device: str, dtype, world: int, batch: int
     return plan
 
 
+def _check_speculative(ck, opts: Options) -> None:
+    """``--speculative mtp`` needs the checkpoint's MTP module and one process (a one-line error otherwise)."""
+    import os
+
+    cfg = ck.config
+    n = cfg.num_hidden_layers
+    if cfg.num_nextn_predict_layers < 1 or not any(k.startswith(f"model.layers.{n}.eh_proj") for k in ck.tensors):
+        raise Dsv3Error(
+            f"{opts.ckpt}: --speculative mtp drafts with the MTP module (model.layers.{n}.*), which this checkpoint "
+            "does not have (cast and shard keep it with --mtp keep, the default)"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise Dsv3Error("--speculative mtp runs in one process for now (not under torchrun)")
+
+
 def run_generate(opts: Options, ui: UI) -> int:
     """Run ``generate``; returns the exit code (bad input raises ``Dsv3Error``)."""
     from ..checkpoint import open_checkpoint
@@ -217,7 +233,11 @@ def run_generate(opts: Options, ui: UI) -> int:
         raise Dsv3Error(f"--max-batch-size must be >= 1, got {opts.max_batch_size}")
     if opts.gemm not in ("bf16", "fp8"):
         raise Dsv3Error(f"--gemm must be bf16 or fp8, got {opts.gemm!r}")
+    if opts.speculative not in (None, "mtp"):
+        raise Dsv3Error(f"--speculative must be mtp, got {opts.speculative!r}")
     ck = open_checkpoint(opts.ckpt)  # a bad path answers before torch is imported
+    if opts.speculative and ck.config is not None:
+        _check_speculative(ck, opts)
     if is_v4(ck.config):
         raise Dsv3Error(f"{opts.ckpt}: generate does not run DeepSeek-V4 yet (its model is not implemented here)")
     import torch
@@ -242,6 +262,11 @@ def run_generate(opts: Options, ui: UI) -> int:
     if lead:
         try:
             tok, requests = _read_input(opts, ck.path, cfg.vocab_size, max_len)
+            if opts.speculative and not all(r.params.greedy for r in requests):
+                bad = next(r for r in requests if not r.params.greedy)
+                raise Dsv3Error(f"request {bad.index}: --speculative mtp decodes greedily: give --temperature 0")
+            if opts.speculative and opts.interactive and not defaults(tok, opts)[0].greedy:
+                raise Dsv3Error("--speculative mtp decodes greedily: give --temperature 0")
         except Dsv3Error as e:
             failure = str(e)
     batch = 1 if opts.interactive else min(opts.max_batch_size, max(len(requests), 1))
@@ -254,7 +279,8 @@ def run_generate(opts: Options, ui: UI) -> int:
 
     model = load_model(ck, device=device, engine=engine_name, gemm=opts.gemm, stream=False, dtype=dtype)
     graphs = opts.cuda_graph if opts.cuda_graph is not None else model.env.device.type == "cuda"
-    engine = Engine(model, tok, batch, max_len, cuda_graph=graphs, ignore_eos=opts.ignore_eos)
+    engine = Engine(model, tok, batch, max_len, cuda_graph=graphs, ignore_eos=opts.ignore_eos,
+                    speculative=opts.speculative == "mtp")  # fmt: skip
     if not lead:
         if opts.interactive:
             import signal

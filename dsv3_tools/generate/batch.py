@@ -60,11 +60,14 @@ class Result:
     prefill_seconds: float  # the prefill of the batch this request ran in
     decode_seconds: float  # from the end of that prefill to this request's last token
     seed: int
+    speculative: dict | None = None  # --speculative mtp: {"drafted": n, "accepted": k}
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["prefill_seconds"] = round(d["prefill_seconds"], 6)
         d["decode_seconds"] = round(d["decode_seconds"], 6)
+        if d["speculative"] is None:
+            del d["speculative"]
         return d
 
 

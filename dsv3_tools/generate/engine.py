@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import ConfigError
 from ..model import Model
 from .batch import Request, Result, batches
 from .chat import IncrementalText, StopText, Tokenizer
@@ -35,6 +36,7 @@ class _Sequence:
         self.generator = make_generator(req.seed)
         self.finish: str | None = None
         self.seconds = 0.0
+        self.drafted = self.accepted = 0  # speculative decoding
 
     @property
     def position(self) -> int:
@@ -60,11 +62,18 @@ class _Sequence:
             self.finish = "stop" if self.stops.hit else "length"
         return shown
 
-    def result(self, prefill_seconds: float) -> Result:
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this sequence's logits [vocab], as plain decoding chooses it."""
+        p = self.req.params
+        seen = self.seen() if p.repetition_penalty != 1 else None
+        return next_tokens(logits[None], [p], [seen], [self.generator])[0]
+
+    def result(self, prefill_seconds: float, speculative: bool = False) -> Result:
         r = self.req
+        spec = {"drafted": self.drafted, "accepted": self.accepted} if speculative else None
         return Result(
             r.index, r.prompt, r.ids, self.out, self.stops.text, self.finish or "interrupted", prefill_seconds,
-            self.seconds, r.seed,
+            self.seconds, r.seed, spec,
         )  # fmt: skip
 
 
@@ -80,13 +89,19 @@ class Engine:
         *,
         cuda_graph: bool = False,
         ignore_eos: bool = False,
+        speculative: bool = False,
     ):
         self.model, self.tok = model, tok
+        self.speculative = speculative
+        if speculative:
+            if model.env.group.active:
+                raise ConfigError("--speculative mtp runs in one process for now (not under torchrun)")
+            model.load_drafter()  # before the cache: it adds the MTP module's cache layer
         self.group, self.device = model.env.group, model.env.device
         self.cache = model.new_cache(max_batch, max_len)
         self.eos = frozenset() if ignore_eos or tok is None else tok.eos_ids
         self.graphs = None
-        if cuda_graph:
+        if cuda_graph and not speculative:  # (the speculative step runs eagerly: its shapes vary)
             from .graphs import GraphDecoder
 
             self.graphs = GraphDecoder(model, self.cache)
@@ -138,6 +153,8 @@ class Engine:
 
     def _run_batch(self, reqs: list[Request], on_text: OnText | None, should_stop) -> list[Result]:
         assert self.tok is not None, "rank 0 needs the tokenizer"
+        if self.speculative:
+            return self._run_batch_speculative(reqs, on_text, should_stop)
         n, active = len(reqs), self.group.active
         seqs = [_Sequence(r, self.tok, self.eos, self.max_len) for r in reqs]
         if active:
@@ -178,6 +195,87 @@ class Engine:
         if active:
             self._step_message(n, torch.zeros(2 * n + 2, dtype=torch.long, device=self.device))
         return [s.result(prefill_seconds) for s in seqs]
+
+    def _run_batch_speculative(self, reqs: list[Request], on_text: OnText | None, should_stop) -> list[Result]:
+        """Greedy decoding with the MTP module drafting the token after next (one process).
+
+        After the prefill, the MTP module reads each prompt position's final hidden state and the token after it
+        (the last one: the token just chosen) and drafts the next-but-one token. Each step then feeds, per
+        sequence, its last token and the draft at the next position (two rows of the same cache slot; the
+        draft's row attends to the token's row written in the same step). The token's logits give the next token
+        exactly as plain decoding would (same prefix, same choice function); when it equals the draft, the
+        draft's logits were computed on the true prefix too, so they give a second token for the same step.
+        A wrong draft is dropped: its cache row is rewritten by the next step before any position attends to it.
+        The MTP module then runs on the new rows (its own cache rows, position by position) for the next drafts.
+        """
+        model, dev = self.model, self.device
+        drafter = model.drafter
+        assert drafter is not None
+        seqs = [_Sequence(r, self.tok, self.eos, self.max_len) for r in reqs]
+        for s in seqs:
+            if not s.req.params.greedy:
+                raise ConfigError(f"request {s.req.index}: --speculative mtp decodes greedily (temperature 0)")
+        prompts = [r.ids for r in reqs]
+        t0 = time.perf_counter()
+        logits, h = model.prefill(prompts, self.cache, hidden=True)
+        chosen = [s.choose(row) for s, row in zip(seqs, logits)]
+        nxt = torch.tensor([t for p, c in zip(prompts, chosen) for t in p[1:] + [c]], device=dev)
+        drafts = drafter.prefill(h, nxt, [len(p) for p in prompts], self.cache).argmax(-1).tolist()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+
+        def emit(i: int, token: int) -> None:
+            shown = seqs[i].push(token)
+            seqs[i].seconds = time.perf_counter() - t1
+            if shown and on_text is not None:
+                on_text(seqs[i].req.index, shown)
+
+        for i, c in enumerate(chosen):
+            emit(i, c)
+        while True:
+            if should_stop is not None and should_stop():
+                for s in seqs:
+                    if s.finish is None:
+                        s.finish, s.seconds = "interrupted", time.perf_counter() - t1
+            live = [i for i, s in enumerate(seqs) if s.finish is None]
+            if not live:
+                break
+            feed, pos, slots = [], [], []
+            for i in live:
+                p = seqs[i].position  # (a live sequence has p + 1 < max_len: it would have ended at its length)
+                feed += [seqs[i].out[-1], drafts[i]]
+                pos += [p, p + 1]
+                slots += [i, i]
+            logits, h = model.decode(
+                torch.tensor(feed, device=dev), torch.tensor(pos, device=dev), self.cache, max(pos) + 1,
+                slots=torch.tensor(slots, device=dev), hidden=True,
+            )  # fmt: skip
+            rows, nxt, mpos, mslots, last = [], [], [], [], {}
+            for k, i in enumerate(live):
+                s = seqs[i]
+                token = s.choose(logits[2 * k])
+                s.drafted += 1
+                emit(i, token)
+                rows.append(2 * k), nxt.append(token), mpos.append(pos[2 * k]), mslots.append(i)
+                if token == drafts[i] and s.finish is None:
+                    s.accepted += 1
+                    second = s.choose(logits[2 * k + 1])
+                    emit(i, second)
+                    rows.append(2 * k + 1), nxt.append(second), mpos.append(pos[2 * k + 1]), mslots.append(i)
+                last[i] = len(rows) - 1
+            keep = [j for j, i in enumerate(mslots) if seqs[i].finish is None]
+            if not keep:
+                continue
+            sel = torch.tensor([rows[j] for j in keep], device=dev)
+            out = drafter.decode(
+                h[sel], torch.tensor([nxt[j] for j in keep], device=dev), torch.tensor([mpos[j] for j in keep],
+                device=dev), torch.tensor([mslots[j] for j in keep], device=dev), self.cache, max(mpos) + 1,
+            ).argmax(-1).tolist()  # fmt: skip
+            for j_out, j in enumerate(keep):
+                if last[mslots[j]] == j:
+                    drafts[mslots[j]] = out[j_out]
+        return [s.result(t1 - t0, speculative=True) for s in seqs]
 
     def close(self) -> None:
         """Release the other ranks from ``follow``."""

@@ -50,6 +50,7 @@ class GeneratePlan:
     cache_per_sequence: int  # bytes of KV cache per sequence slot
     activations_per_sequence: int  # the prefill's part that grows with the batch
     largest_numel: int  # elements of the largest weight
+    mtp: bool = False  # the MTP module resident too, with its cache layer (--speculative mtp)
 
     @property
     def total_bytes(self) -> int:
@@ -62,14 +63,17 @@ class GeneratePlan:
         return self.available_bytes is None or self.total_bytes <= FRACTION * self.available_bytes
 
 
-def weights_bytes(cfg: ModelConfig, world: int, dtype: torch.dtype, gemm: str) -> tuple[int, int, int]:
-    """This rank's weights as held, the absorbed ``kv_b`` copy, and the largest tensor's element count."""
+def weights_bytes(
+    cfg: ModelConfig, world: int, dtype: torch.dtype, gemm: str, mtp: bool = False
+) -> tuple[int, int, int]:
+    """This rank's weights as held (with the MTP module when ``mtp``), the absorbed ``kv_b`` copy, and the largest
+    tensor's element count."""
     import torch
 
     esize = torch.empty((), dtype=dtype).element_size()
     fp8_held = gemm == "fp8" and cfg.is_fp8
     total = absorbed = largest = 0
-    for name, spec in N.expected_mp_tensors(cfg, 0, world, mtp=False).items():
+    for name, spec in N.expected_mp_tensors(cfg, 0, world, mtp=mtp and cfg.num_nextn_predict_layers > 0).items():
         n = N.parse_mp(name)
         if "indexer" in n.module.hf:  # V3.2's indexer is not run (attention is dense up to index_topk)
             continue
@@ -99,14 +103,15 @@ def make_plan(
     device: str,
     available: int | None,
     weights: tuple[int, int, int] | None = None,
+    mtp: bool = False,
 ) -> GeneratePlan:
     """Estimate this rank's peak for ``batch`` sequences of up to ``max_len`` tokens (``weights``: the result of
     ``weights_bytes`` for these settings, when already known)."""
     import torch
 
     esize = torch.empty((), dtype=dtype).element_size()
-    weights, absorbed, largest = weights if weights is not None else weights_bytes(cfg, world, dtype, gemm)
-    layers = cfg.num_hidden_layers
+    weights, absorbed, largest = weights if weights is not None else weights_bytes(cfg, world, dtype, gemm, mtp)
+    layers = cfg.num_hidden_layers + (1 if mtp else 0)
     cache_seq = layers * max_len * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * esize
     nh = cfg.num_attention_heads // world
     wide = max(cfg.intermediate_size // world, cfg.moe_intermediate_size * max(cfg.n_shared_experts, 1), 1)
@@ -117,7 +122,7 @@ def make_plan(
     transient = largest * (4 + esize + 1)  # a weight read, in f32 while dequantized, in the compute dtype
     return GeneratePlan(
         device, world, batch, max_len, str(dtype).removeprefix("torch."), gemm, weights, absorbed, batch * cache_seq,
-        batch * act_seq + scores, transient, available, cache_seq, act_seq, largest,
+        batch * act_seq + scores, transient, available, cache_seq, act_seq, largest, mtp,
     )  # fmt: skip
 
 
@@ -141,7 +146,8 @@ def check_plan(plan: GeneratePlan, cfg: ModelConfig) -> None:
     while lo < hi:
         mid = (lo + hi + 1) // 2
         p = make_plan(cfg, world=plan.world, batch=plan.batch, max_len=mid, dtype=getattr(torch, plan.dtype),
-                      gemm=plan.gemm, device=plan.device, available=plan.available_bytes, weights=w)  # fmt: skip
+                      gemm=plan.gemm, device=plan.device, available=plan.available_bytes, weights=w,
+                      mtp=plan.mtp)  # fmt: skip
         lo, hi = (mid, hi) if p.fits else (lo, mid - 1)
     if lo >= 16 and lo < plan.max_len:
         fixes.append(f"--max-seq-len {lo}")
