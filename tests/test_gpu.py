@@ -482,3 +482,28 @@ def test_fp8_gemm_decode_agrees_with_bf16_within_the_quantized_tier(tmp_path) ->
     metrics = [compare_logits(Logits.from_full(out["bf16"][b]), out["fp8"][b]) for b in range(2)]
     stats = summarize(metrics)
     assert not stats.failures(TIERS["quantized"]), stats
+
+
+def test_speculative_on_the_gpu_gives_plain_greedy_tokens(tmp_path) -> None:
+    """``--speculative mtp`` on CUDA (Triton engine, float32 so that the two paths' different row counts cannot
+    flip a near tie): the same tokens as plain greedy decoding, and the counts add up."""
+    from dsv3_tools.checkpoint import open_checkpoint
+    from dsv3_tools.generate.batch import Request
+    from dsv3_tools.generate.chat import Tokenizer
+    from dsv3_tools.generate.engine import Engine
+    from dsv3_tools.generate.sampling import SamplingParams
+    from dsv3_tools.model import load_model
+    from dsv3_tools.synth import synth
+
+    synth(tmp_path / "ck", "tiny", dtype="fp8", seed=0, shards=2)
+    ck, tok = open_checkpoint(tmp_path / "ck"), Tokenizer.load(tmp_path / "ck")
+    prompts = [[5, 9, 200, 17, 3], list(range(60, 83)), [11]]
+    greedy = SamplingParams(temperature=0.0)
+    outs = {}
+    for spec in (False, True):
+        model = load_model(ck, device="cuda", engine="triton")
+        eng = Engine(model, tok, 3, 64, ignore_eos=True, speculative=spec)
+        outs[spec] = eng.run([Request(i, "", p, greedy, 20, (), 0) for i, p in enumerate(prompts)])
+    for a, b in zip(outs[False], outs[True]):
+        assert a.output_ids == b.output_ids, (a.index, a.output_ids, b.output_ids)
+        assert len(b.output_ids) == 1 + b.speculative["drafted"] + b.speculative["accepted"]
