@@ -8,12 +8,57 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def parse_config_file(path: str | Path, parse: Callable[[dict[str, Any]], T]) -> T:
+    """``parse`` applied to a ``config.json`` file's object; every failure a ``ConfigError`` naming the file."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a JSON object")
+    try:
+        return parse(d)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+class LayerRanges:
+    """Layer ids of a config with ``num_hidden_layers`` main layers followed by ``num_nextn_predict_layers`` MTP
+    layers (both families)."""
+
+    num_hidden_layers: int
+    num_nextn_predict_layers: int
+
+    @property
+    def main_layers(self) -> range:
+        return range(self.num_hidden_layers)
+
+    @property
+    def mtp_layers(self) -> range:
+        """The MTP layers' ids (MTP module m is layer ``num_hidden_layers + m``)."""
+        return range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers)
+
+    @property
+    def all_layers(self) -> range:
+        return range(self.num_hidden_layers + self.num_nextn_predict_layers)
+
+    def is_mtp_layer(self, layer: int) -> bool:
+        return layer >= self.num_hidden_layers
+
 
 # Keys found in real configs of the family that do not change the tensor set or the forward pass.
 _IGNORED_KEYS = frozenset(
@@ -77,7 +122,7 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(LayerRanges):
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -140,23 +185,8 @@ class ModelConfig:
     def has_indexer(self) -> bool:
         return self.index_n_heads is not None
 
-    @property
-    def main_layers(self) -> range:
-        return range(self.num_hidden_layers)
-
-    @property
-    def mtp_layers(self) -> range:
-        return range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers)
-
-    @property
-    def all_layers(self) -> range:
-        return range(self.num_hidden_layers + self.num_nextn_predict_layers)
-
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
-
-    def is_mtp_layer(self, layer: int) -> bool:
-        return layer >= self.num_hidden_layers
 
     @property
     def dense_layers(self) -> list[int]:
@@ -243,19 +273,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: expected a JSON object")
-        try:
-            return _parse(d)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        return parse_config_file(path, _parse)
 
     @classmethod
     def builtin(cls, name: str) -> ModelConfig:

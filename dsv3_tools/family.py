@@ -9,11 +9,10 @@ dispatches on the type once, at its planning step.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, builtin_config_path
+from .config import ModelConfig, builtin_config_path, parse_config_file
 from .errors import ConfigError, UnsupportedModelError
 from .v4.config import MODEL_TYPE as V4_TYPE
 from .v4.config import V4Config, is_v4
@@ -40,19 +39,7 @@ def config_from_dict(d: dict[str, Any]) -> AnyConfig:
 
 def config_from_file(path: str | Path) -> AnyConfig:
     """The config object of a ``config.json`` file (``ConfigError`` naming the file when it is not one)."""
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{p}: expected a JSON object")
-    try:
-        return config_from_dict(d)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+    return parse_config_file(path, config_from_dict)
 
 
 def load_config(name_or_path: str | Path) -> AnyConfig:

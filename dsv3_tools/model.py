@@ -820,6 +820,15 @@ def _apply_layer(
     return [t.float().cpu() for t in y.split(lens)]
 
 
+def mtp_input(
+    e: torch.Tensor, h: torch.Tensor, final_norm: torch.Tensor, hnorm: torch.Tensor, eh_proj: Linear, eps: float
+) -> torch.Tensor:
+    """The MTP block's input at position j: ``eh_proj`` over [enorm(embedding of t_{j+1}) (``e``, normed already),
+    hnorm(final norm(h_j))], where h_j is the main model's last hidden state before its final norm."""
+    hm = rms_norm(rms_norm(h, final_norm, eps), hnorm, eps)
+    return eh_proj(torch.cat([e, hm], dim=-1))
+
+
 class Mtp:
     """The first MTP layer over positions 0..T-2 of each prompt (see the module docstring), callable on any
     main-model final hidden states of these prompts. The next tokens' embeddings are taken once here; eh_proj, the
@@ -848,9 +857,10 @@ class Mtp:
         eps = cfg.rms_norm_eps
         mlens = [T - 1 for T in self.lens]
         with torch.inference_mode():
-            final_norm = env.norm("model.norm.weight")
-            hm = rms_norm(rms_norm(h[self.rows], final_norm, eps), env.norm(p + "hnorm.weight"), eps)
-            x = self._part("eh_proj", lambda: env.linear(p + "eh_proj.weight"))(torch.cat([self.e, hm], dim=-1))
+            x = mtp_input(
+                self.e, h[self.rows], env.norm("model.norm.weight"), env.norm(p + "hnorm.weight"),
+                self._part("eh_proj", lambda: env.linear(p + "eh_proj.weight")), eps,
+            )  # fmt: skip
             positions = torch.cat([torch.arange(T) for T in mlens])
             rope = tuple(t.to(h.device) for t in rope_tables(cfg, positions))
             if x.shape[0]:
@@ -884,8 +894,7 @@ class MtpDraft:
     def _input(self, h: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         eps = self.env.cfg.rms_norm_eps
         e = rms_norm(self.embed(next_tokens), self.enorm, eps)
-        hm = rms_norm(rms_norm(h, self.final_norm, eps), self.hnorm, eps)
-        return self.eh_proj(torch.cat([e, hm], dim=-1))
+        return mtp_input(e, h, self.final_norm, self.hnorm, self.eh_proj, eps)
 
     def prefill(self, h: torch.Tensor, next_tokens: torch.Tensor, lens: list[int], cache: KVCache) -> torch.Tensor:
         """Every position of each prompt (h [sum of lengths, H] from ``Model.prefill``, the token after each

@@ -133,13 +133,18 @@ def master_weight(
         return torch.randn(shape, generator=g)
     fan_in = shape[1]
     w = torch.randn(shape, generator=g) / fan_in**0.5
-    if n.module.quantized:
-        # A different magnitude per 128x128 block, so that a scale applied to the wrong block shows.
-        b0, b1 = cfg.block_size
-        gm, gn = -(-shape[0] // b0), -(-shape[1] // b1)
-        f = torch.exp2(torch.rand((gm, gn), generator=g) * 2 - 1)
-        w = w * f.repeat_interleave(b0, 0)[: shape[0]].repeat_interleave(b1, 1)[:, : shape[1]]
-    return w
+    return _block_magnitudes(cfg, w, g) if n.module.quantized else w
+
+
+def _block_magnitudes(cfg: ModelConfig, w: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``w`` with a different magnitude (2^-1 .. 2^1) per 128x128 block, so that a scale applied to the wrong
+    block shows."""
+    import torch
+
+    b0, b1 = cfg.block_size
+    gm, gn = -(-w.shape[0] // b0), -(-w.shape[1] // b1)
+    f = torch.exp2(torch.rand((gm, gn), generator=g) * 2 - 1)
+    return w * f.repeat_interleave(b0, 0)[: w.shape[0]].repeat_interleave(b1, 1)[:, : w.shape[1]]
 
 
 # ---------------------------------------------------------------------- the "trained" profile
@@ -236,12 +241,7 @@ def _trained_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: i
         w = w * BRANCH
     elif hf.endswith("q_b_proj") or hf.endswith("q_proj"):
         w = w * Q_SCALE
-    if n.module.quantized:
-        b0, b1 = cfg.block_size
-        gm, gn = -(-shape[0] // b0), -(-shape[1] // b1)
-        f = torch.exp2(torch.rand((gm, gn), generator=g) * 2 - 1)
-        w = w * f.repeat_interleave(b0, 0)[: shape[0]].repeat_interleave(b1, 1)[:, : shape[1]]
-    return w
+    return _block_magnitudes(cfg, w, g) if n.module.quantized else w
 
 
 def _plan_files(specs: list[N.TensorSpec], shards: int) -> list[list[N.TensorSpec]]:

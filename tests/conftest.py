@@ -62,3 +62,13 @@ def tiny_trained_fp8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("ck") / "tiny-trained-fp8"
     synth(p, "tiny", dtype="fp8", seed=0, shards=4, profile="trained")
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """Decode steps on the tiny model: one torch thread is faster than two, and unaffected by other processes on
+    the machine (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

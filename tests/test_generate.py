@@ -32,17 +32,22 @@ SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
 PROMPTS = [[5, 9, 200, 17, 3], list(range(60, 83)), [11], [int(t) for t in torch.arange(40) * 7 % 500]]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decode steps are tiny: one thread is faster than two, and unaffected by other processes on the machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine(path: Path, batch: int = 4, max_len: int = 128, **kw) -> Engine:
     return Engine(load_model(open_checkpoint(path)), Tokenizer.load(path), batch, max_len, **kw)
+
+
+def decode_steps(model, prompt: list[int], output: list[int], max_len: int = 64) -> list[torch.Tensor]:
+    """The decode path's logits teacher-forced on ``output`` (a fresh cache, one sequence): the prefill's last
+    position, then one step per output token but the last."""
+    cache = model.new_cache(1, max_len)
+    steps = [model.prefill([prompt], cache)[0]]
+    for k in range(len(output) - 1):
+        pos = torch.tensor([len(prompt) + k])
+        steps.append(model.decode(torch.tensor([output[k]]), pos, cache, kv_len=int(pos) + 1)[0])
+    return steps
 
 
 def _req(i: int, ids: list[int], params: SamplingParams = GREEDY, max_new: int = 12, **kw) -> Request:
@@ -71,12 +76,7 @@ def test_cache_is_exact(which: str, tiny_fp8: Path, tiny_bf16: Path, mp2: Path) 
     for r in results:
         assert r.finish_reason == "length" and len(r.output_ids) == 12
         seq = r.prompt_ids + r.output_ids
-        # The decode path's logits, teacher-forced on these tokens (a fresh cache, one sequence).
-        cache = model.new_cache(1, 64)
-        steps = [model.prefill([r.prompt_ids], cache)[0]]
-        for k in range(len(r.output_ids) - 1):
-            pos = torch.tensor([len(r.prompt_ids) + k])
-            steps.append(model.decode(torch.tensor([r.output_ids[k]]), pos, cache, kv_len=int(pos) + 1)[0])
+        steps = decode_steps(model, r.prompt_ids, r.output_ids)
         for k, tok in enumerate(r.output_ids):
             full = model.forward([seq[: len(r.prompt_ids) + k]]).logits[0][-1]
             top2 = full.topk(2).values
@@ -329,11 +329,7 @@ def test_fp8_gemm_path_decodes_within_quantization(tiny_trained_fp8: Path) -> No
     assert layer.absorbed is not None and layer.absorbed[0].dtype == torch.float32
     r = eng.run([_req(0, PROMPTS[1], max_new=16)])[0]
     seq = r.prompt_ids + r.output_ids
-    cache = model.new_cache(1, 64)
-    steps = [model.prefill([r.prompt_ids], cache)[0]]
-    for k in range(len(r.output_ids) - 1):
-        pos = torch.tensor([len(r.prompt_ids) + k])
-        steps.append(model.decode(torch.tensor([r.output_ids[k]]), pos, cache, kv_len=int(pos) + 1)[0])
+    steps = decode_steps(model, r.prompt_ids, r.output_ids)
     assert [int(s.argmax()) for s in steps] == r.output_ids
     full = model.forward([seq[:-1]]).logits[0][len(r.prompt_ids) - 1 :]
     stats = summarize([compare_logits(Logits.from_full(full), torch.stack(steps))])

@@ -2,10 +2,11 @@
 
 The random-weight tiny model's MTP module drafts almost nothing right, so the accept path is driven by an oracle
 drafter too: the real MTP module runs (its cache rows are written as always) but its answer is replaced by the
-token plain greedy decoding produced at that position (or a wrong one, on a fixed pattern). Independent checks:
-the drafter's logits against the MTP module of the full forward pass (``Model.forward(mtp=True)``, its own code
-path), and the tokens against plain greedy decoding, which ``test_generate.py`` checks against full forward passes
-and transformers.
+token plain greedy decoding produced at that position (or a wrong one, on a fixed pattern). Checks: the drafter's
+logits against the MTP module of the full forward pass (``Model.forward(mtp=True)``: the same input mixing,
+``model.mtp_input``, but full causal attention over the whole sequence instead of the cache, its positions and its
+slots), and the tokens against plain greedy decoding, which ``test_generate.py`` checks against full forward
+passes and transformers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_generate import PROMPTS
 
 from dsv3_tools.checkpoint import open_checkpoint
 from dsv3_tools.generate.batch import Request
@@ -24,15 +26,7 @@ from dsv3_tools.model import load_model
 
 GREEDY = SamplingParams(temperature=0.0)
 PENALIZED = SamplingParams(temperature=0.0, repetition_penalty=1.3)
-PROMPTS = [[5, 9, 200, 17, 3], list(range(60, 83)), [11], [int(t) for t in torch.arange(40) * 7 % 500]]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reqs(params: SamplingParams = GREEDY, max_new: int = 14) -> list[Request]:

@@ -10,12 +10,11 @@ Facts and sources: docs/format-v4.md section 4.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import QuantConfig, RopeScaling
+from ..config import LayerRanges, QuantConfig, RopeScaling, parse_config_file
 from ..errors import ConfigError
 
 MODEL_TYPE = "deepseek_v4"
@@ -58,7 +57,7 @@ _REQUIRED = (
 
 
 @dataclass(frozen=True)
-class V4Config:
+class V4Config(LayerRanges):
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -111,22 +110,6 @@ class V4Config:
     @property
     def block_size(self) -> tuple[int, int]:
         return self.quant.block if self.quant else (128, 128)
-
-    @property
-    def main_layers(self) -> range:
-        return range(self.num_hidden_layers)
-
-    @property
-    def mtp_layers(self) -> range:
-        """The MTP blocks' layer ids (block ``mtp.m`` is layer ``num_hidden_layers + m``)."""
-        return range(self.num_hidden_layers, self.num_hidden_layers + self.num_nextn_predict_layers)
-
-    @property
-    def all_layers(self) -> range:
-        return range(self.num_hidden_layers + self.num_nextn_predict_layers)
-
-    def is_mtp_layer(self, layer: int) -> bool:
-        return layer >= self.num_hidden_layers
 
     def ratio(self, layer: int) -> int:
         """The KV compression ratio of a layer (0: sliding window only; 4: overlapping windows and the indexer)."""
@@ -183,17 +166,7 @@ class V4Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> V4Config:
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid JSON ({e})") from None
-        try:
-            return _parse(d)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        return parse_config_file(path, _parse)
 
 
 def is_v4(cfg: object) -> bool:
