@@ -327,12 +327,13 @@ def _teacher_forced(model, prompt: list[int], tokens: list[int], graphs: bool = 
     g = GraphDecoder(model, cache) if graphs else None
     if g is not None:
         g.ensure(1)  # before the prefill: capturing writes cache rows
-    out = [model.prefill([prompt], cache)[0]]
+    out = [model.prefill([prompt], cache)[0].float().cpu()]
     for k, t in enumerate(tokens[:-1]):
         tok = torch.tensor([t], device=dev)
         pos = torch.tensor([len(prompt) + k], device=dev)
-        out.append((g(tok, pos) if g is not None else model.decode(tok, pos, cache, kv_len=len(prompt) + k + 1))[0])
-    return torch.stack([o.float().cpu() for o in out])
+        step = g(tok, pos) if g is not None else model.decode(tok, pos, cache, kv_len=len(prompt) + k + 1)
+        out.append(step[0].float().cpu())  # copied now: a graph's output tensor is overwritten by the next replay
+    return torch.stack(out)
 
 
 def test_generate_gpu_logits_follow_the_cpu(tmp_path) -> None:

@@ -62,6 +62,7 @@ class GraphDecoder:
         return _Captured(graph, tokens, positions, logits)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The step's logits: the graph's own output tensor, overwritten by the next replay (copy it to keep it)."""
         g = self.graphs.get(tokens.shape[0])
         if g is None:
             raise RuntimeError(f"no CUDA graph captured for batch size {tokens.shape[0]} (call ensure first)")
