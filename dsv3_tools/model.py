@@ -459,6 +459,25 @@ class Layer:
         weight = torch.where(mine, w, torch.zeros_like(w)).to(x.dtype)
         return (out * weight[..., None]).sum(1)
 
+    def _sorted_experts(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The chosen experts of every row, each expert on all of its rows at once: the (row, choice) pairs sorted
+        by expert, one read of the counts per layer (not one host synchronization per expert), each pair's output
+        put back in place and weighted, the ``top_k`` outputs of a row summed in choice order (deterministic: no
+        atomic scatter)."""
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.env.cfg.n_routed_experts).tolist()
+        xs = x[order // k]
+        out = torch.zeros((n * k, x.shape[1]), dtype=x.dtype, device=x.device)
+        start = 0
+        for e, c in enumerate(counts):
+            if c and e in self.experts:  # (under tensor parallelism other ranks' experts stay zero here)
+                sel = order[start : start + c]
+                out[sel] = _mlp(self.experts[e], xs[start : start + c])
+            start += c
+        return (out.view(n, k, -1) * w[..., None].to(x.dtype)).sum(1)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert indices, weights) [n, top_k], in f32."""
         cfg = self.env.cfg
@@ -497,10 +516,7 @@ class Layer:
             for e, mlp in self.experts.items():
                 y = y + _mlp(mlp, x) * dense[:, e, None].to(x.dtype)
         else:
-            for e, mlp in self.experts.items():
-                rows, slot = torch.where(idx == e)
-                if rows.numel():
-                    y.index_add_(0, rows, _mlp(mlp, x[rows]) * w[rows, slot, None].to(x.dtype))
+            y = self._sorted_experts(x, idx, w)
         if self.shared is not None:
             y = y + _mlp(self.shared, x)
         return self.env.group.all_reduce(y)
@@ -521,12 +537,19 @@ def _mlp(m: tuple[Linear, Linear, Linear], x: torch.Tensor) -> torch.Tensor:
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """[T, h, d] each; softmax in f32 (on CUDA: the fused scaled-dot-product attention, which never holds the
-    [h, T, T] scores in memory)."""
+    [h, T, T] scores in memory).
+
+    On CUDA the inputs go in four-dimensional (the fused kernels accept no other rank: a 3-D call silently takes the
+    unfused path that materializes the scores), and ``v`` is zero-padded to the key's head size (MLA: 128 against
+    192), which the flash kernel requires; the padded columns of the output are zeros and are dropped."""
     if q.is_cuda:
+        dv = v.shape[-1]
+        if dv != q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=scale
         )
-        return o.transpose(0, 1)
+        return o[0, ..., :dv].transpose(0, 1)
     T = q.shape[0]
     s = torch.einsum("thd,shd->hts", q, k).float() * scale
     s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), -math.inf)
