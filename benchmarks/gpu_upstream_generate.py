@@ -7,7 +7,9 @@ for N GPUs when ``--mp`` says so), then the demo runs in batch mode, greedy, exa
 
 from a copy of its ``inference/`` folder (``--upstream DIR``; carried to the GPU machine, never into the repository).
 The script prints the command, its exit code, its output (the completions are noise: random weights), and a JSON
-line with the figures, and fails if the demo fails.
+line with the figures, and fails if the demo fails. Under transformers 5 the demo fails on any checkpoint at its
+chat-template call (see ``COMPAT_LAUNCHER``); the script then runs it once more with that one call restored to
+transformers 4's return type, and reports both runs.
 
     python benchmarks/gpu_upstream_generate.py --upstream ../shared/upstream/deepseek-v3/inference --workdir /tmp/up
 """
@@ -27,6 +29,26 @@ from dsv3_tools.shard import shard_checkpoint
 from dsv3_tools.synth import synth
 
 PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog.", "def fib(n):"]
+
+# transformers 5 changed ``apply_chat_template(..., tokenize=True)`` to return a BatchEncoding (a dict) where 4.x
+# returned a list of ids; the demo's generate.py indexes the result as a list, so under transformers 5 it fails on
+# every checkpoint (the real DeepSeek-V3 included) at ``torch.tensor(t)``, after the tokenizer and the chat template
+# have loaded. When the unchanged run fails that way, the demo runs again through this launcher, which restores the
+# 4.x return type (``return_dict=False``, an argument both versions take) and then runs generate.py itself,
+# unchanged.
+COMPAT_LAUNCHER = """\
+import os, runpy, sys
+from transformers import tokenization_utils_base as tub
+_orig = tub.PreTrainedTokenizerBase.apply_chat_template
+def apply_chat_template(self, conversation, *args, **kwargs):
+    kwargs.setdefault("return_dict", False)
+    return _orig(self, conversation, *args, **kwargs)
+tub.PreTrainedTokenizerBase.apply_chat_template = apply_chat_template
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+TF5_SIGNATURE = "cannot be interpreted as an integer"  # torch.tensor(BatchEncoding) in generate.py's generate()
 
 
 def main() -> None:
@@ -48,25 +70,31 @@ def main() -> None:
     prompts.write_text("\n".join(PROMPTS) + "\n")
     demo = args.workdir / "inference"
     shutil.copytree(args.upstream, demo)  # run it from its own folder, as its README says
+    launcher = args.workdir / "tf4_chat_template_launcher.py"
+    launcher.write_text(COMPAT_LAUNCHER)
     results = []
     for mp in args.mp:
         dst = args.workdir / f"mp{mp}"
         shard_checkpoint(src, dst, mp=mp)
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(mp), "generate.py",
-            "--ckpt-path", str(dst), "--config", str(dst / "model_args.json"), "--input-file", str(prompts),
-            "--max-new-tokens", str(args.max_new_tokens), "--temperature", "0",
+        demo_args = [
+            "generate.py", "--ckpt-path", str(dst), "--config", str(dst / "model_args.json"),
+            "--input-file", str(prompts), "--max-new-tokens", str(args.max_new_tokens), "--temperature", "0",
         ]  # fmt: skip
-        print("$ " + " ".join(cmd[3:]), flush=True)
-        t = time.perf_counter()
-        r = subprocess.run(cmd, cwd=demo, capture_output=True, text=True, env=dict(os.environ))
-        dt = time.perf_counter() - t
-        print(r.stdout[-4000:], r.stderr[-4000:], sep="\n", flush=True)
-        results.append(
-            {"mp": mp, "exit": r.returncode, "seconds": round(dt, 1), "completions": r.stdout.count("Completion")}
-        )
+        run = {"mp": mp}
+        for how, extra in (("unchanged", []), ("tf4-chat-template launcher", [str(launcher)])):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(mp), *extra, *demo_args]
+            print(f"$ torchrun {' '.join(cmd[3:])}", flush=True)
+            t = time.perf_counter()
+            r = subprocess.run(cmd, cwd=demo, capture_output=True, text=True, env=dict(os.environ))
+            dt = time.perf_counter() - t
+            print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", flush=True)
+            run[how] = {"exit": r.returncode, "seconds": round(dt, 1), "completions": r.stdout.count("Completion")}
+            if r.returncode == 0 or TF5_SIGNATURE not in r.stderr:
+                break
+            run[how]["failure"] = "transformers 5's apply_chat_template returns a dict (generate.py expects a list)"
+        results.append(run)
     print(json.dumps({"layers": args.layers, "experts": args.experts, "results": results}), flush=True)
-    if any(x["exit"] != 0 for x in results):
+    if any(list(x.values())[-1]["exit"] != 0 for x in results):
         raise SystemExit("the upstream demo failed on shard output")
 
 
