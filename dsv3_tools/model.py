@@ -39,8 +39,10 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
   also writes those rows; a decode step computes one token per sequence in the absorbed form (``q_nope`` through
   ``kv_b``'s key part, scores and the weighted sum over the cached latent, ``kv_b``'s value part after), the same
   function reassociated: float32 logits agree with a full forward pass to rounding (~1e-6 relative). FP8 ``kv_b``
-  is dequantized once for it when the FP8 GEMM path keeps the other weights FP8. ``decode(static=True)`` runs
-  every local expert with zero weights where not chosen: fixed shapes, no host sync, as a CUDA graph needs.
+  is dequantized once for it when the FP8 GEMM path keeps the other weights FP8. ``decode(static=True)`` has fixed
+  shapes and no host sync, as a CUDA graph needs: the chosen experts through one grouped kernel
+  (``kernels/moe_gemm.py``) when the experts are stacked, else every local expert with zero weights where not
+  chosen. Eagerly (prefill, ``forward``) the routed experts run sorted by expert, the counts read once per layer.
 """
 
 from __future__ import annotations
