@@ -466,10 +466,11 @@ class Layer:
         by expert, one read of the counts per layer (not one host synchronization per expert), each pair's output
         put back in place and weighted, the ``top_k`` outputs of a row summed in choice order (deterministic: no
         atomic scatter)."""
+        from .kernels.moe_gemm import route  # (plain torch: the pairs sorted by expert, as the grouped kernel takes)
+
         n, k = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.env.cfg.n_routed_experts).tolist()
+        order, _, counts = route(idx, self.env.cfg.n_routed_experts)
+        order, counts = order.long(), counts.tolist()
         xs = x[order // k]
         out = torch.zeros((n * k, x.shape[1]), dtype=x.dtype, device=x.device)
         start = 0
