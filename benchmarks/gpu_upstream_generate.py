@@ -80,7 +80,7 @@ def main() -> None:
             "generate.py", "--ckpt-path", str(dst), "--config", str(dst / "model_args.json"),
             "--input-file", str(prompts), "--max-new-tokens", str(args.max_new_tokens), "--temperature", "0",
         ]  # fmt: skip
-        run = {"mp": mp}
+        run: dict = {"mp": mp}
         for how, extra in (("unchanged", []), ("tf4-chat-template launcher", [str(launcher)])):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(mp), *extra, *demo_args]
             print(f"$ torchrun {' '.join(cmd[3:])}", flush=True)
@@ -89,12 +89,13 @@ def main() -> None:
             dt = time.perf_counter() - t
             print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", flush=True)
             run[how] = {"exit": r.returncode, "seconds": round(dt, 1), "completions": r.stdout.count("Completion")}
+            run["exit"] = r.returncode  # the last run's
             if r.returncode == 0 or TF5_SIGNATURE not in r.stderr:
                 break
             run[how]["failure"] = "transformers 5's apply_chat_template returns a dict (generate.py expects a list)"
         results.append(run)
     print(json.dumps({"layers": args.layers, "experts": args.experts, "results": results}), flush=True)
-    if any(list(x.values())[-1]["exit"] != 0 for x in results):
+    if any(x["exit"] != 0 for x in results):
         raise SystemExit("the upstream demo failed on shard output")
 
 
