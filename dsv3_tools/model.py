@@ -43,14 +43,20 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
   shapes and no host sync, as a CUDA graph needs: the chosen experts through one grouped kernel
   (``kernels/moe_gemm.py``) when the experts are stacked, else every local expert with zero weights where not
   chosen. Eagerly (prefill, ``forward``) the routed experts run sorted by expert, the counts read once per layer.
+- Batch invariance (Triton engine): every decode step runs on ``kernels/rowwise.py`` (GEMMs, RMSNorm, the absorbed
+  attention, the experts' weighted sum) and the grouped experts kernel, whose result for a row does not depend on
+  how many rows the step has, nor on the attended length beyond the row's own position. So a sequence decodes to
+  the same bits alone or in any batch, and speculative decoding's two rows per sequence give plain decoding's
+  logits. Prefill and ``forward`` keep cuBLAS and torch's reductions (their results need only agree to rounding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,10 +118,14 @@ class Linear:
             self.w, self.s = w, scale.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.s is None:
-            return F.linear(x.to(self.w.dtype), self.w)
         e = self.env
+        if self.s is None:
+            return e.matmul(x.to(self.w.dtype), self.w)
         xq, xs = e.ops.act_quant(x, e.block[1], e.scale_fmt)
+        if e.invariant:  # one tile configuration whatever the row count (kernels/rowwise.py)
+            from .kernels.rowwise import fp8_config
+
+            return e.ops.fp8_gemm(xq, xs, self.w, self.s, e.dtype, e.block, fp8_config(*self.w.shape, self.w.device))
         return e.ops.fp8_gemm(xq, xs, self.w, self.s, e.dtype, e.block)
 
 
@@ -135,9 +145,39 @@ class Env:
     # Decode steps run the chosen routed experts through the grouped kernel (kernels/moe_gemm.py): Triton engine,
     # dense (BF16) expert weights.
     grouped_moe: bool = False
+    # Decode steps run the batch-invariant kernels (kernels/rowwise.py; Triton engine): ``invariant_decode`` is the
+    # choice made at load, ``invariant`` is on only while a decode step runs (``decoding``).
+    invariant_decode: bool = False
+    invariant: bool = False
     # Streaming reads ahead: host copies of the next layer's tensors, read by one background thread.
     prefetched: dict[str, Future] = field(default_factory=dict, repr=False)
     reader: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ the step's arithmetic
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Within: a decode step, on the batch-invariant kernels when the model was loaded with them."""
+        before, self.invariant = self.invariant, self.invariant_decode
+        try:
+            yield
+        finally:
+            self.invariant = before
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T`` (same dtypes): batch-invariant within a decode step, else ``F.linear`` (cuBLAS)."""
+        if self.invariant:
+            from .kernels.rowwise import matmul
+
+            return matmul(x, w)
+        return F.linear(x, w)
+
+    def rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``rms_norm`` with the config's epsilon: one program per row within a decode step."""
+        if self.invariant:
+            from .kernels.rowwise import rms_norm as rows_rms_norm
+
+            return rows_rms_norm(x, w, self.cfg.rms_norm_eps)
+        return rms_norm(x, w, self.cfg.rms_norm_eps)
 
     # ------------------------------------------------------------------ reading this rank's weights
     @functools.cached_property
@@ -354,14 +394,14 @@ class Layer:
 
     def _q(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.env.cfg
-        q = self.wq_b(rms_norm(self.wq_a(x), self.q_norm, cfg.rms_norm_eps)) if cfg.has_q_lora else self.wq(x)
+        q = self.wq_b(self.env.rms(self.wq_a(x), self.q_norm)) if cfg.has_q_lora else self.wq(x)
         return q.view(x.shape[0], -1, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
 
     def _latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The normed latent [n, kv_lora_rank] and the unrotated shared rope key [n, rope dims]."""
         cfg = self.env.cfg
         latent, k_pe = self.wkv_a(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        return rms_norm(latent, self.kv_norm, cfg.rms_norm_eps), k_pe
+        return self.env.rms(latent, self.kv_norm), k_pe
 
     def attention(
         self,
@@ -416,9 +456,9 @@ class Layer:
 
     def decode(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """One new token per sequence: ``x`` [B, H] at ``step.positions``; writes this token's cache row."""
-        eps = self.env.cfg.rms_norm_eps
-        x = x + self.absorbed_attention(rms_norm(x, self.attn_norm, eps), step)
-        return x + self.ffn(rms_norm(x, self.ffn_norm, eps), step.static)
+        env = self.env
+        x = x + self.absorbed_attention(env.rms(x, self.attn_norm), step)
+        return x + self.ffn(env.rms(x, self.ffn_norm), step.static)
 
     def absorbed_attention(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """MLA over the cached latent: ``q_nope`` goes through ``kv_b``'s key part, scores are taken against the
@@ -434,8 +474,17 @@ class Layer:
         k_pe = apply_rope(k_pe[:, None, :], cos, sin)[:, 0]
         c = step.cache.data[self.L]
         c[step.rows, step.positions] = torch.cat([latent, k_pe], dim=-1)  # every token's row, then attention
-        c = c[:B, : step.kv_len] if step.contiguous else c[step.rows, : step.kv_len]
         w_k, w_v = self.absorbed
+        if env.invariant:  # each row over its own positions only, the same bits whatever the batch
+            from .kernels.rowwise import matmul, mla_decode
+
+            q_lat = torch.empty((B, w_k.shape[0], kvr), dtype=x.dtype, device=x.device)
+            matmul(q[..., :nope].transpose(0, 1), w_k.transpose(1, 2), out=q_lat.transpose(0, 1))
+            o = mla_decode(q_lat, q_pe.contiguous(), c, step.rows, step.positions, cfg.softmax_scale)
+            out = torch.empty((B, w_v.shape[0], w_v.shape[1]), dtype=x.dtype, device=x.device)
+            matmul(o.transpose(0, 1), w_v, out=out.transpose(0, 1))
+            return env.group.all_reduce(self.wo(out.reshape(B, -1)))
+        c = c[:B, : step.kv_len] if step.contiguous else c[step.rows, : step.kv_len]
         q_lat = torch.einsum("bhd,hdc->bhc", q[..., :nope], w_k)
         s = torch.einsum("bhc,bsc->bhs", q_lat, c[..., :kvr]) + torch.einsum("bhr,bsr->bhs", q_pe, c[..., kvr:])
         s = s.float().mul_(cfg.softmax_scale).masked_fill_(step.mask[:, None, :], -math.inf)
@@ -458,8 +507,15 @@ class Layer:
         gu = moe_gemm(xs, w13, None, pairs, env.block, max_per_expert=B)
         g, u = gu.split(w13.shape[1] // 2, dim=-1)
         out = moe_gemm(F.silu(g) * u, w2, None, pairs, env.block, max_per_expert=B).view(B, k, -1)
-        weight = torch.where(mine, w, torch.zeros_like(w)).to(x.dtype)
-        return (out * weight[..., None]).sum(1)
+        return self._choice_sum(out, torch.where(mine, w, torch.zeros_like(w)))
+
+    def _choice_sum(self, out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The ``top_k`` expert outputs of each row [n, k, H] weighted by ``w`` [n, k] and summed in choice order."""
+        if self.env.invariant:
+            from .kernels.rowwise import choice_sum
+
+            return choice_sum(out, w)
+        return (out * w[..., None].to(out.dtype)).sum(1)
 
     def _sorted_experts(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The chosen experts of every row, each expert on all of its rows at once: the (row, choice) pairs sorted
@@ -479,12 +535,12 @@ class Layer:
                 sel = order[start : start + c]
                 out[sel] = _mlp(self.experts[e], xs[start : start + c])
             start += c
-        return (out.view(n, k, -1) * w[..., None].to(x.dtype)).sum(1)
+        return self._choice_sum(out.view(n, k, -1), w)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert indices, weights) [n, top_k], in f32."""
         cfg = self.env.cfg
-        logits = F.linear(x.float(), self.gate)
+        logits = self.env.matmul(x.float(), self.gate)
         E, G, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
         if cfg.scoring_func == "sigmoid":
             scores = logits.sigmoid()
@@ -511,7 +567,7 @@ class Layer:
         zero weight where it was not chosen."""
         idx, w = self.route(x)
         y = torch.zeros_like(x)
-        if static and self.grouped is not None:
+        if self.grouped is not None and (static or self.env.invariant):
             y = self._grouped_experts(x, idx, w)
         elif static:
             dense = torch.zeros(x.shape[0], self.env.cfg.n_routed_experts, dtype=w.dtype, device=x.device)
@@ -582,8 +638,8 @@ class Head:
         self.w = env.read(head).to(env.dtype)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(h, self.norm, self.env.cfg.rms_norm_eps)
-        return self.env.group.gather_last(F.linear(x, self.w)).float()
+        x = self.env.rms(h, self.norm)
+        return self.env.group.gather_last(self.env.matmul(x, self.w)).float()
 
 
 def _check_prompts(cfg: ModelConfig, prompts: list[list[int]]) -> None:
@@ -754,7 +810,7 @@ class Model:
         mask = torch.arange(kv_len, device=tokens.device)[None, :] > positions[:, None]
         rope = (cache.cos[positions], cache.sin[positions])
         step = Step(cache, positions, rows, rope, mask, kv_len, static, contiguous)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.env.decoding():
             h = embed(tokens)
             for layer in layers:
                 h = layer.decode(h, step)
@@ -802,6 +858,7 @@ def load_model(
         raise ConfigError("engine 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use engine 'torch' on CPU")
     env = Env(ck, cfg, dev, dtype, gemm, Ops(engine), group, cfg.block_size, cfg.quant.scale_fmt if cfg.quant else None)
     env.grouped_moe = engine == "triton" and gemm == "bf16"
+    env.invariant_decode = engine == "triton"
     return Model(env, resident=not stream)
 
 
@@ -942,13 +999,15 @@ class MtpDraft:
         slots: torch.Tensor,
         cache: KVCache,
         kv_len: int,
+        static: bool = False,
     ) -> torch.Tensor:
         """One row per (h_j, t_{j+1}) at position j of slot ``slots`` (attending to positions ``< kv_len``);
-        float32 logits [rows, vocab]."""
+        float32 logits [rows, vocab]. ``static``: fixed shapes, no host sync (a CUDA graph; ``kv_len`` the cache
+        length)."""
         mask = torch.arange(kv_len, device=positions.device)[None, :] > positions[:, None]
         rope = (cache.cos[positions], cache.sin[positions])
-        step = Step(cache, positions, slots, rope, mask, kv_len, False, False)
-        with torch.inference_mode():
+        step = Step(cache, positions, slots, rope, mask, kv_len, static, False)
+        with torch.inference_mode(), self.env.decoding():
             return self.head(self.layer.decode(self._input(h, next_tokens), step))
 
 

@@ -7,9 +7,13 @@ materialized). ``moe_gemm_ref`` is the plain-torch reference (the test oracle an
 
 Why a kernel: the eager MoE picks the chosen experts on the host (``torch.where`` then a loop), which a CUDA graph
 cannot capture, and running every expert on every token (the graph-safe alternative) reads all of them. Here one
-program per (expert, column block) reads its expert's tile only if some pair chose it (``counts[e] > 0``), and
-multiplies it with all of that expert's rows at once (at most one row per token), so a step reads each chosen
-expert's weights once, with fixed shapes and no host synchronization. Memory per step: the chosen experts' bytes.
+program per (16 of an expert's rows, expert, column block) reads its expert's tile only if that expert has rows
+there (``counts[e]``), and multiplies it with those rows at once, so a step reads each chosen expert's weights
+once (the programs of one expert's further rows, if any, run next to it and find the tile in L2), with fixed
+shapes and no host synchronization. Memory per step: the chosen experts' bytes.
+
+Batch invariance (``kernels/rowwise.py``): the tile is 16 rows whatever the number of pairs, so a row's result
+does not depend on how many other rows chose its expert.
 """
 
 from __future__ import annotations
@@ -64,17 +68,19 @@ def _build():
         SK,  # columns of an expert's scale grid
         FP8: tl.constexpr,
         B0: tl.constexpr,  # scale block height (128)
-        BM: tl.constexpr,  # >= the most pairs one expert can have (one per token), >= 16 for tl.dot
+        BM: tl.constexpr,  # rows per program (16: the smallest tensor-core tile, whatever the row count)
         BN: tl.constexpr,  # divides B0: a program's columns share one row of scales
         BK: tl.constexpr,  # == B1: one scale per K step
         DOT: tl.constexpr,  # operand dtype of the product: the rows' dtype (bf16 or f32); f32 under the
         #                     interpreter, whose bf16 dot returns garbage (seen with Triton 3.9)
     ):
-        e = tl.program_id(0)
-        n0 = tl.program_id(1) * BN
+        t = tl.program_id(0) * BM
+        e = tl.program_id(1)
+        n0 = tl.program_id(2) * BN
         cnt = tl.load(count_ptr + e)
-        if cnt > 0:  # an expert nobody chose costs one load
-            first = tl.load(start_ptr + e)
+        if cnt > t:  # an expert nobody chose (or with no rows this far) costs one load
+            first = tl.load(start_ptr + e) + t
+            cnt = cnt - t
             slot = tl.arange(0, BM)
             valid = slot < cnt
             rows = tl.load(order_ptr + first + slot, mask=valid, other=0)
@@ -132,10 +138,10 @@ def moe_gemm(
         _kernel = _build()
     order, start, counts = route(expert, E)
     y = torch.empty((P, N), dtype=x.dtype, device=x.device)
-    bm = max(16, triton.next_power_of_2(max_per_expert or P))
+    bm = 16
     scales = s if fp8 else counts  # any tensor for the unused pointer
     sn, sk = (s.shape[1], s.shape[2]) if fp8 else (1, 1)
-    grid = (E, triton.cdiv(N, BLOCK_N))
+    grid = (triton.cdiv(max(1, max_per_expert or P), bm), E, triton.cdiv(N, BLOCK_N))
     _kernel[grid](
         x.contiguous(), w, scales, y, order, start, counts, N, K, sn, sk,
         FP8=fp8, B0=block[0], BM=bm, BN=BLOCK_N, BK=BLOCK_K,

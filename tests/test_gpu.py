@@ -485,9 +485,12 @@ def test_fp8_gemm_decode_agrees_with_bf16_within_the_quantized_tier(tmp_path) ->
     assert not stats.failures(TIERS["quantized"]), stats
 
 
-def test_speculative_on_the_gpu_gives_plain_greedy_tokens(tmp_path) -> None:
-    """``--speculative mtp`` on CUDA (Triton engine, float32 so that the two paths' different row counts cannot
-    flip a near tie): the same tokens as plain greedy decoding, and the counts add up."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_speculative_on_the_gpu_gives_plain_greedy_tokens(tmp_path, dtype: torch.dtype) -> None:
+    """``--speculative mtp`` on CUDA (Triton engine) gives plain greedy decoding's tokens, in BF16 as in F32: plain
+    decoding through its CUDA graph (one row per sequence, the whole cache length attended), speculative decoding
+    eagerly (two rows per live sequence) and through its CUDA graphs (two rows per sequence); the batch-invariant
+    decode kernels make the row counts irrelevant. Sequences end at different steps. The counts add up."""
     from dsv3_tools.checkpoint import open_checkpoint
     from dsv3_tools.generate.batch import Request
     from dsv3_tools.generate.chat import Tokenizer
@@ -501,10 +504,95 @@ def test_speculative_on_the_gpu_gives_plain_greedy_tokens(tmp_path) -> None:
     prompts = [[5, 9, 200, 17, 3], list(range(60, 83)), [11]]
     greedy = SamplingParams(temperature=0.0)
     outs = {}
-    for spec in (False, True):
-        model = load_model(ck, device="cuda", engine="triton")
-        eng = Engine(model, tok, 3, 64, ignore_eos=True, speculative=spec)
-        outs[spec] = eng.run([Request(i, "", p, greedy, 20, (), 0) for i, p in enumerate(prompts)])
-    for a, b in zip(outs[False], outs[True]):
-        assert a.output_ids == b.output_ids, (a.index, a.output_ids, b.output_ids)
-        assert len(b.output_ids) == 1 + b.speculative["drafted"] + b.speculative["accepted"]
+    for spec, graph in ((False, True), (True, False), (True, True)):
+        model = load_model(ck, device="cuda", engine="triton", dtype=dtype)
+        eng = Engine(model, tok, 3, 64, ignore_eos=True, speculative=spec, cuda_graph=graph)
+        outs[spec, graph] = eng.run([Request(i, "", p, greedy, n, (), 0) for i, (p, n) in
+                                     enumerate(zip(prompts, (40, 17, 29)))])  # fmt: skip
+    for mode in ((True, False), (True, True)):
+        for a, b in zip(outs[False, True], outs[mode]):
+            assert a.output_ids == b.output_ids, (mode, a.index, a.output_ids, b.output_ids)
+            assert len(b.output_ids) == 1 + b.speculative["drafted"] + b.speculative["accepted"]
+
+
+def test_rowwise_kernels_agree_with_torch_and_do_not_depend_on_the_row_count() -> None:
+    """kernels/rowwise.py at V3 sizes: each result within rounding of its torch form, and the first M rows of a
+    64-row call bit-identical to a call with those M rows only (M = 1, 2, 3, 16, 17, 33)."""
+    from dsv3_tools.kernels import rowwise as rw
+    from dsv3_tools.model import rms_norm
+
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=g).to(dtype).cuda()
+
+    def check(name, f, ref, full_in, tol):
+        full = f(*full_in)
+        want = ref(*full_in)
+        rel = float((full.float() - want.float()).norm() / want.float().norm())
+        assert rel < tol, (name, rel)
+        for M in (1, 2, 3, 16, 17, 33):
+            part = f(*[t[:M] if i == 0 else t for i, t in enumerate(full_in)])
+            assert torch.equal(part, full[:M]), (name, M, _first_diff(part, full[:M]))
+
+    for N, K in ((24576, 1536), (576, 7168), (7168, 16384), (129280, 7168), (2048, 7168)):
+        check(f"matmul {N}x{K}", rw.matmul, lambda x, w: x @ w.T, (rnd(64, K), rnd(N, K) / K**0.5), 1e-2)
+    check("router f32", rw.matmul, lambda x, w: x @ w.T, (rnd(64, 7168, dtype=torch.float32),
+          rnd(256, 7168, dtype=torch.float32)), 1e-5)  # fmt: skip
+    w = rnd(7168)
+    check("rms_norm", lambda x: rw.rms_norm(x, w.float(), 1e-6), lambda x: rms_norm(x, w.float(), 1e-6),
+          (rnd(64, 7168),), 1e-2)  # fmt: skip
+    y, wc = rnd(64, 8, 7168), torch.rand(64, 8, generator=g).cuda()
+    check("choice_sum", lambda y: rw.choice_sum(y, wc[: y.shape[0]]),
+          lambda y: (y.float() * wc[: y.shape[0], :, None]).sum(1), (y,), 1e-2)  # fmt: skip
+    # per-head products of the absorbed attention: strided views, batched over 128 heads
+    q, wk = rnd(64, 128, 192), rnd(128, 128, 512) / 128**0.5
+
+    def q_lat(q):
+        out = torch.empty((q.shape[0], 128, 512), dtype=q.dtype, device="cuda")
+        rw.matmul(q[..., :128].transpose(0, 1), wk.transpose(1, 2), out=out.transpose(0, 1))
+        return out
+
+    check("per-head matmul", q_lat, lambda q: torch.einsum("bhd,hdc->bhc", q[..., :128].float(), wk.float()),
+          (q,), 1e-2)  # fmt: skip
+    cache = rnd(64, 600, 576)
+    pos = torch.randint(0, 600, (64,), generator=g).cuda()
+    slots = torch.randperm(64, generator=g).cuda()
+
+    def mla(ql, qp):
+        return rw.mla_decode(ql, qp, cache, slots[: ql.shape[0]], pos[: ql.shape[0]], 0.07)
+
+    def mla_ref(ql, qp):
+        out = []
+        for b in range(ql.shape[0]):
+            c = cache[slots[b], : int(pos[b]) + 1].float()
+            s = (ql[b].float() @ c[:, :512].T + qp[b].float() @ c[:, 512:].T) * 0.07
+            out.append(s.softmax(-1) @ c[:, :512])
+        return torch.stack(out)
+
+    check("mla_decode", mla, mla_ref, (rnd(64, 128, 512), rnd(64, 128, 64)), 1e-2)
+
+
+def test_decode_rows_do_not_depend_on_the_batch(tmp_path) -> None:
+    """A decode step's logits for a sequence are bit-identical whether it runs alone, in a batch, through the CUDA
+    graph's static form (whole cache attended) or as the second row of its own sequence (speculative decoding's
+    verify step): BF16, FP8 and BF16 GEMM paths."""
+    for gemm in ("bf16", "fp8"):
+        model = _tiny_gpu_model(tmp_path, gemm)
+        prompts = [[5, 9, 200, 17, 3], list(range(60, 83)), [11, 12]]
+        cache = model.new_cache(3, 64)
+        model.prefill(prompts, cache)
+        tokens, positions = torch.tensor([7, 8, 9], device="cuda"), torch.tensor([5, 23, 2], device="cuda")
+        batch = model.decode(tokens, positions, cache, kv_len=24)
+        static = model.decode(tokens, positions, cache, static=True)
+        assert torch.equal(batch, static), (gemm, _first_diff(batch, static))
+        for i in range(3):
+            alone = model.decode(tokens[i : i + 1], positions[i : i + 1], cache, slots=torch.tensor([i]).cuda())
+            assert torch.equal(alone[0], batch[i]), (gemm, i, _first_diff(alone[0], batch[i]))
+        # the next position of sequence 1 alone, then both rows of sequence 1 in one step
+        nxt = model.decode(torch.tensor([4], device="cuda"), positions[1:2] + 1, cache, slots=torch.tensor([1]).cuda())
+        two = model.decode(torch.tensor([8, 4], device="cuda"), torch.tensor([23, 24], device="cuda"), cache,
+                           slots=torch.tensor([1, 1]).cuda())  # fmt: skip
+        assert torch.equal(two[0], batch[1]), (gemm, _first_diff(two[0], batch[1]))
+        assert torch.equal(two[1], nxt[0]), (gemm, _first_diff(two[1], nxt[0]))
+        del model

@@ -389,3 +389,117 @@ def test_grouped_experts_decode_the_same_as_every_expert(tiny_fp8) -> None:
     layer.grouped = None
     every = layer.moe_ffn(x, static=True)
     assert float((grouped - every).norm() / every.norm()) < 1e-5
+
+
+# ---------------------------------------------------------------------- the batch-invariant decode kernels
+def _rows_invariant(f, args: tuple, what: str, counts=(1, 2, 3, 17)) -> torch.Tensor:
+    """``f(*args)`` with all rows, and the first M rows of it bit-identical to ``f`` on those M rows alone (the
+    first argument's leading dim is the rows)."""
+    full = f(*args)
+    for M in counts:
+        part = f(args[0][:M], *args[1:])
+        assert torch.equal(part, full[:M]), (
+            f"{what}: {M} rows alone differ from the batch's: {_where(part != full[:M])}"
+        )
+    return full
+
+
+@interpreted
+def test_rowwise_matmul_values_and_row_invariance() -> None:
+    """``rowwise.matmul`` against float64 products (F32 operands: the interpreter's dot is exact to F32 rounding),
+    2-D and per-head batched with transposed strided views (the absorbed attention's), ragged shapes; a row's
+    result does not depend on the row count."""
+    from dsv3_tools.kernels.rowwise import matmul
+
+    g = _gen(21)
+    x, w = torch.randn(40, 300, generator=g), torch.randn(70, 300, generator=g)
+    got = _rows_invariant(matmul, (x, w), "2-D")
+    assert torch.allclose(got.double(), x.double() @ w.double().T, rtol=0, atol=1e-4), float(
+        (got.double() - x.double() @ w.double().T).abs().max()
+    )
+    q, wk = torch.randn(40, 6, 48, generator=g), torch.randn(6, 24, 80, generator=g)  # [B, h, d], [h, d, c]
+
+    def per_head(q: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(q.shape[0], 6, 80)
+        matmul(q[..., :24].transpose(0, 1), wk.transpose(1, 2), out=out.transpose(0, 1))
+        return out
+
+    got = _rows_invariant(per_head, (q,), "per head")
+    want = torch.einsum("bhd,hdc->bhc", q[..., :24].double(), wk.double())
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-4), float((got.double() - want).abs().max())
+    with pytest.raises(ValueError, match="one dtype"):
+        matmul(x, w.double())
+
+
+@interpreted
+def test_rowwise_rms_norm_and_choice_sum() -> None:
+    """The row RMSNorm against the model's torch form (F32: to rounding), the experts' weighted sum against the
+    same sum written out in choice order (bit-identical: the same F32 operations in the same order); both
+    row-invariant."""
+    from dsv3_tools.kernels.rowwise import choice_sum, rms_norm
+    from dsv3_tools.model import rms_norm as rms_norm_torch
+
+    g = _gen(22)
+    x, w = torch.randn(30, 320, generator=g) * 3, torch.rand(320, generator=g) + 0.5
+    got = _rows_invariant(lambda x: rms_norm(x, w, 1e-6), (x,), "rms_norm")
+    assert torch.allclose(got, rms_norm_torch(x, w, 1e-6), rtol=2e-6, atol=0)
+    y, wc = torch.randn(30, 3, 320, generator=g), torch.rand(30, 3, generator=g)
+    got = _rows_invariant(lambda y: choice_sum(y, wc[: y.shape[0]]), (y,), "choice_sum")
+    want = torch.zeros(30, 320)
+    for j in range(3):
+        want += y[:, j] * wc[:, j, None]
+    assert torch.equal(got, want), _where(got != want)
+
+
+@interpreted
+def test_rowwise_mla_decode_attends_to_its_own_positions_only() -> None:
+    """MLA decode attention against the softmax written out per row (float64), with ragged latent and rope widths
+    (160 and 24: masked tiles), rows in any slots, at positions on both sides of a 32-position block; positions
+    after a row's own are filled with NaN and never read; row-invariant."""
+    from dsv3_tools.kernels.rowwise import mla_decode
+
+    g = _gen(23)
+    B, H, C, R, S = 20, 5, 160, 24, 70
+    ql, qp = torch.randn(B, H, C, generator=g), torch.randn(B, H, R, generator=g)
+    cache = torch.randn(B + 2, S, C + R, generator=g)
+    slots = torch.randperm(B + 2, generator=g)[:B]
+    pos = torch.tensor([0, 31, 32, 33, 63, 64, 69] + torch.randint(0, S, (B - 7,), generator=g).tolist())
+    for b in range(B):
+        cache[slots[b], pos[b] + 1 :] = float("nan")
+    got = _rows_invariant(
+        lambda ql: mla_decode(ql, qp[: ql.shape[0]], cache, slots[: ql.shape[0]], pos[: ql.shape[0]], 0.1),
+        (ql,), "mla_decode",
+    )  # fmt: skip
+    for b in range(B):
+        c = cache[slots[b], : pos[b] + 1].double()
+        s = (ql[b].double() @ c[:, :C].T + qp[b].double() @ c[:, C:].T) * 0.1
+        want = s.softmax(-1) @ c[:, :C]
+        assert torch.allclose(got[b].double(), want, rtol=0, atol=1e-5), (b, float((got[b] - want).abs().max()))
+
+
+@interpreted
+def test_decode_rows_do_not_depend_on_the_batch_under_the_interpreter(tiny_fp8) -> None:
+    """The whole decode step on the Triton engine (tiny model, F32): a sequence's logits are bit-identical alone
+    and in a batch, and as the second row of its own sequence (speculative decoding's verify step) and alone at
+    that position; and it agrees with the step on the kernels used before to F32 rounding. tests/test_gpu.py checks
+    the same in BF16 on a GPU."""
+    from dsv3_tools.checkpoint import open_checkpoint
+    from dsv3_tools.model import load_model
+
+    model = load_model(open_checkpoint(tiny_fp8), engine="triton", stream=False, dtype=torch.float32)
+    assert model.env.invariant_decode
+    cache = model.new_cache(3, 40)
+    model.prefill([[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10]], cache)
+    batch = model.decode(torch.tensor([20, 21, 22]), torch.tensor([5, 3, 8]), cache, kv_len=9)
+    alone = model.decode(torch.tensor([21]), torch.tensor([3]), cache, slots=torch.tensor([1]))
+    assert torch.equal(alone[0], batch[1]), _where(alone[0] != batch[1])
+    nxt = model.decode(torch.tensor([30]), torch.tensor([4]), cache, slots=torch.tensor([1]))
+    two = model.decode(torch.tensor([21, 30]), torch.tensor([3, 4]), cache, slots=torch.tensor([1, 1]))
+    assert torch.equal(two[0], batch[1]) and torch.equal(two[1], nxt[0]), (_where(two[0] != batch[1]),
+                                                                           _where(two[1] != nxt[0]))  # fmt: skip
+    # and the same step on the kernels before batch invariance (cuBLAS-style GEMMs, torch reductions, einsum
+    # attention over the attended length) agrees to F32 rounding
+    model.env.invariant_decode = False
+    before = model.decode(torch.tensor([20, 21, 22]), torch.tensor([5, 3, 8]), cache, kv_len=9)
+    rel = float((batch - before).norm() / before.norm())
+    assert rel < 1e-5, rel
