@@ -138,6 +138,44 @@ def test_drafter_is_the_mtp_module_of_the_forward_pass(tiny_fp8: Path) -> None:
     _check_rows(eng, eng.run(_reqs()), seen)
 
 
+class FixedShapes:
+    """``SpeculativeGraphs``' contract run eagerly (no CUDA here): every sequence of the batch in two rows of
+    both steps, the finished ones too, in their static form (the whole cache length). Records each step's row
+    count."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache, self.rows = model, cache, []
+
+    def ensure(self, n: int) -> None:
+        self.slots = torch.arange(n).repeat_interleave(2)
+
+    def verify(self, tokens, positions):
+        self.rows.append(tokens.shape[0])
+        return self.model.decode(tokens, positions, self.cache, static=True, slots=self.slots, hidden=True)
+
+    def draft(self, h, next_tokens, positions):
+        self.rows.append(h.shape[0])
+        return self.model.drafter.decode(h, next_tokens, positions, self.slots, self.cache, self.cache.max_len)
+
+
+@pytest.mark.parametrize("pattern", ["own-drafts", "all", "alternate"])
+def test_fixed_shape_steps_give_plain_greedy_tokens(pattern: str, tiny_fp8: Path, plain: dict) -> None:
+    """The CUDA-graph form of the speculative steps (fixed rows, the finished sequences still fed) gives the same
+    tokens; sequences end at different steps (different lengths, drafts accepted on a pattern)."""
+    lengths = [14, 5, 9, 12]
+    eng = _engine(tiny_fp8, True)
+    eng.spec_graphs = fixed = FixedShapes(eng.model, eng.cache)
+    if pattern != "own-drafts":
+        right = {"all": lambda k: True, "alternate": lambda k: k % 2 == 0}[pattern]
+        eng.model.drafter = Oracle(eng.model.drafter, PROMPTS, plain[GREEDY], right)
+    reqs = [Request(i, f"p{i}", p, GREEDY, n, (), 100 + i) for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    for r, want, n in zip(eng.run(reqs), plain[GREEDY], lengths):
+        assert r.output_ids == want[:n], (pattern, r.index, r.output_ids, want[:n])
+        _counts_add_up(r)
+        assert pattern == "own-drafts" or r.speculative["accepted"] > 0
+    assert set(fixed.rows) == {2 * len(PROMPTS)}, fixed.rows
+
+
 def test_bad_input_is_one_line(tiny_fp8: Path, tmp_path: Path) -> None:
     """No MTP module, sampling, an unknown kind, torchrun: exit 2 and one line, before any weight is read."""
     import subprocess

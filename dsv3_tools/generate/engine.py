@@ -100,8 +100,12 @@ class Engine:
         self.group, self.device = model.env.group, model.env.device
         self.cache = model.new_cache(max_batch, max_len)
         self.eos = frozenset() if ignore_eos or tok is None else tok.eos_ids
-        self.graphs = None
-        if cuda_graph and not speculative:  # (the speculative step runs eagerly: its shapes vary)
+        self.graphs = self.spec_graphs = None
+        if cuda_graph and speculative:
+            from .graphs import SpeculativeGraphs
+
+            self.spec_graphs = SpeculativeGraphs(model, self.cache)
+        elif cuda_graph:
             from .graphs import GraphDecoder
 
             self.graphs = GraphDecoder(model, self.cache)
@@ -207,15 +211,23 @@ class Engine:
         draft's logits were computed on the true prefix too, so they give a second token for the same step.
         A wrong draft is dropped: its cache row is rewritten by the next step before any position attends to it.
         The MTP module then runs on the new rows (its own cache rows, position by position) for the next drafts.
+
+        With CUDA graphs (``SpeculativeGraphs``) both steps have fixed shapes: every sequence of the batch gets two
+        rows in each, the finished ones too (at their last position, outputs ignored), and the MTP module also runs
+        the rows whose output is not used (a wrong draft's row: its MTP cache row is rewritten by the next step
+        before any position attends to it, as the main model's).
         """
         model, dev = self.model, self.device
         drafter = model.drafter
         assert drafter is not None
+        graphs = self.spec_graphs
         seqs = [_Sequence(r, self.tok, self.eos, self.max_len) for r in reqs]
         for s in seqs:
             if not s.req.params.greedy:
                 raise ConfigError(f"request {s.req.index}: --speculative mtp decodes greedily (temperature 0)")
         prompts = [r.ids for r in reqs]
+        if graphs is not None:
+            graphs.ensure(len(prompts))  # captured before the prefill: capturing writes cache rows
         t0 = time.perf_counter()
         logits, h = model.prefill(prompts, self.cache, hidden=True)
         chosen = [s.choose(row) for s, row in zip(seqs, logits)]
@@ -241,40 +253,57 @@ class Engine:
             live = [i for i, s in enumerate(seqs) if s.finish is None]
             if not live:
                 break
-            feed, pos, slots = [], [], []
-            for i in live:
+            fed = list(range(len(seqs))) if graphs is not None else live
+            feed, pos = [], []
+            for i in fed:
                 p = seqs[i].position  # (a live sequence has p + 1 < max_len: it would have ended at its length)
-                feed += [seqs[i].out[-1], drafts[i]]
-                pos += [p, p + 1]
-                slots += [i, i]
-            logits, h = model.decode(
-                torch.tensor(feed, device=dev), torch.tensor(pos, device=dev), self.cache, max(pos) + 1,
-                slots=torch.tensor(slots, device=dev), hidden=True,
-            )  # fmt: skip
-            rows, nxt, mpos, mslots, last = [], [], [], [], {}
-            for k, i in enumerate(live):
+                if seqs[i].finish is None:
+                    feed += [seqs[i].out[-1], drafts[i]]
+                    pos += [p, p + 1]
+                else:  # an idle slot (fixed shapes): both rows at its last position, outputs ignored
+                    feed += [seqs[i].out[-1]] * 2
+                    pos += [p, p]
+            tokens_t, pos_t = torch.tensor(feed, device=dev), torch.tensor(pos, device=dev)
+            slots_t = torch.tensor([i for i in fed for _ in (0, 1)], device=dev)
+            if graphs is not None:
+                logits, h = graphs.verify(tokens_t, pos_t)
+            else:
+                logits, h = model.decode(tokens_t, pos_t, self.cache, max(pos) + 1, slots=slots_t, hidden=True)
+            after = list(feed)  # the token after each row (the MTP module's input), where known
+            used: dict[int, int] = {}  # sequence -> the row whose MTP output is its next draft
+            for k, i in enumerate(fed):
                 s = seqs[i]
+                if i not in live:
+                    continue
                 token = s.choose(logits[2 * k])
                 s.drafted += 1
                 emit(i, token)
-                rows.append(2 * k), nxt.append(token), mpos.append(pos[2 * k]), mslots.append(i)
+                after[2 * k] = after[2 * k + 1] = token
+                used[i] = 2 * k
                 if token == drafts[i] and s.finish is None:
                     s.accepted += 1
                     second = s.choose(logits[2 * k + 1])
                     emit(i, second)
-                    rows.append(2 * k + 1), nxt.append(second), mpos.append(pos[2 * k + 1]), mslots.append(i)
-                last[i] = len(rows) - 1
-            keep = [j for j, i in enumerate(mslots) if seqs[i].finish is None]
-            if not keep:
+                    after[2 * k + 1] = second
+                    used[i] = 2 * k + 1
+            wanted = [i for i in used if seqs[i].finish is None]
+            if not wanted:
                 continue
-            sel = torch.tensor([rows[j] for j in keep], device=dev)
+            if graphs is not None:
+                out = graphs.draft(h, torch.tensor(after, device=dev), pos_t).argmax(-1).tolist()
+                for i in wanted:
+                    drafts[i] = out[used[i]]
+                continue
+            # eagerly: only the rows whose tokens are known (a row per emitted token of a live sequence)
+            rows = [r for k, i in enumerate(fed) if i in wanted for r in range(2 * k, used[i] + 1)]
+            sel = torch.tensor(rows, device=dev)
             out = drafter.decode(
-                h[sel], torch.tensor([nxt[j] for j in keep], device=dev), torch.tensor([mpos[j] for j in keep],
-                device=dev), torch.tensor([mslots[j] for j in keep], device=dev), self.cache, max(mpos) + 1,
+                h[sel], torch.tensor([after[r] for r in rows], device=dev), pos_t[sel], slots_t[sel], self.cache,
+                max(pos[r] for r in rows) + 1,
             ).argmax(-1).tolist()  # fmt: skip
-            for j_out, j in enumerate(keep):
-                if last[mslots[j]] == j:
-                    drafts[mslots[j]] = out[j_out]
+            for j, r in enumerate(rows):
+                if used[fed[r // 2]] == r:
+                    drafts[fed[r // 2]] = out[j]
         return [s.result(t1 - t0, speculative=True) for s in seqs]
 
     def close(self) -> None:
