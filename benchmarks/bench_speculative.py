@@ -3,7 +3,8 @@
     python benchmarks/bench_speculative.py --workdir /tmp/spec [--config tiny] [--profile random] [--device cpu]
 
 Writes a synthetic checkpoint (with its MTP module), then for batch 1 and 4 runs the same greedy requests
-(``--new`` tokens each, EOS ignored) plain and speculative, eagerly (no CUDA graph on either side), and reports
+(``--new`` tokens each, EOS ignored) plain and speculative, eagerly (no CUDA graph on either side; on CUDA both
+again through their CUDA graphs), and reports
 milliseconds per generated token, the drafts accepted, and whether the tokens are identical. On random weights the
 MTP module's drafts are nearly all wrong, so this measures what speculation costs when it does not pay: each step
 runs two rows per sequence through the main model and one more block (the MTP module) for the next draft.
@@ -28,11 +29,13 @@ from dsv3_tools.model import load_model
 from dsv3_tools.synth import synth
 
 
-def run(ck, tok, device: str, batch: int, new: int, speculative: bool, vocab: int) -> tuple[float, list, list]:
+def run(
+    ck, tok, device: str, batch: int, new: int, speculative: bool, vocab: int, graph: bool = False
+) -> tuple[float, list, list]:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     engine = "triton" if device.startswith("cuda") else "torch"
     model = load_model(ck, device=device, engine=engine, stream=False, dtype=dtype)
-    eng = Engine(model, tok, batch, 64 + new + 2, ignore_eos=True, speculative=speculative)
+    eng = Engine(model, tok, batch, 64 + new + 2, ignore_eos=True, speculative=speculative, cuda_graph=graph)
     g = torch.Generator().manual_seed(1)
     reqs = [
         Request(i, "", torch.randint(0, vocab, (16 + 8 * i,), generator=g).tolist(), SamplingParams(0.0), new, (), i)
@@ -73,6 +76,14 @@ def main() -> None:
             "cost": round(spec_ms / plain_ms, 3), "drafts": drafted, "accepted": accepted,
             "identical_tokens": plain_ids == spec_ids,
         })  # fmt: skip
+        if args.device.startswith("cuda"):  # plain decoding at its fastest: the step in a CUDA graph
+            graph_ms, graph_ids, _ = run(ck, tok, args.device, batch, args.new, False, ck.config.vocab_size, True)
+            sg_ms, sg_ids, sg = run(ck, tok, args.device, batch, args.new, True, ck.config.vocab_size, True)
+            rows[-1] |= {
+                "plain_graph_ms_per_token": round(graph_ms, 3), "speculative_graph_ms_per_token": round(sg_ms, 3),
+                "cost_graphs": round(sg_ms / graph_ms, 3), "accepted_graph": sum(x["accepted"] for x in sg),
+                "identical_tokens_graph": graph_ids == spec_ids == sg_ids,
+            }  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     machine = {"device": args.device, "torch": torch.__version__, "python": platform.python_version()}
     if args.device.startswith("cuda"):

@@ -7,7 +7,9 @@ weights dequantized once at load; the decode step captured in a CUDA graph, the 
 copied; its default path, which dequantizes FP8 weights at every step):
 
 - prefill tokens/s for 1x512, 4x1024 and 1x4096 tokens (median of 3 after a warm-up);
-- decode ms/step at batch 1, 4 and 32 after a 512-token prefill (median of 50 steps);
+- decode ms/step at batch 1, 4 and 32 after a 512-token prefill (median of 50 steps), on the batch-invariant
+  decode kernels (``kernels/rowwise.py``, the default) and, for the ratio, on the kernels used before them (cuBLAS
+  GEMMs, torch's reductions and einsum attention: ``decode_ms_cublas``);
 - the step's floor: the bytes of weights one step touches (batch 1: every attention and dense weight, the shared
   expert, the 8 chosen experts of each MoE layer, the head) over the device's copy bandwidth measured here, and the
   step's share of it;
@@ -88,7 +90,8 @@ def ours(ck, args) -> dict:
         prompts = [torch.randint(0, cfg.vocab_size, (T,), generator=g).tolist() for _ in range(B)]
         s = timed(lambda p=prompts, c=cache: model.prefill(p, c))
         res["prefill_tokens_per_s"][f"{B}x{T}"] = round(B * T / s)
-    for B in DECODE:
+
+    def setup(B: int):
         cache = model.new_cache(B, args.max_len)
         graphs = GraphDecoder(model, cache)
         graphs.ensure(B)
@@ -96,6 +99,10 @@ def ours(ck, args) -> dict:
         model.prefill(prompts, cache)
         tokens = torch.randint(0, cfg.vocab_size, (B,), generator=g).cuda()
         positions = torch.full((B,), 512, dtype=torch.long, device="cuda")
+        return cache, graphs, tokens, positions
+
+    for B in DECODE:
+        cache, graphs, tokens, positions = setup(B)
         res["decode_ms"][B] = round(1e3 * timed(lambda g=graphs, t=tokens, p=positions: g(t, p), 5, 50), 3)
 
         def eager(t=tokens, p=positions, c=cache) -> torch.Tensor:
@@ -123,6 +130,13 @@ def ours(ck, args) -> dict:
                 - 1,  # the benchmark's own torch.cuda.synchronize() after the replay
             }
     res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    model.env.invariant_decode = False  # the decode kernels before batch invariance, for the ratio
+    res["decode_ms_cublas"] = {}
+    for B in DECODE:
+        cache, graphs, tokens, positions = setup(B)
+        res["decode_ms_cublas"][B] = round(1e3 * timed(lambda g=graphs, t=tokens, p=positions: g(t, p), 5, 50), 3)
+        del cache, graphs
+    model.env.invariant_decode = True
     return res
 
 
