@@ -41,8 +41,8 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
   function reassociated: float32 logits agree with a full forward pass to rounding (~1e-6 relative). FP8 ``kv_b``
   is dequantized once for it when the FP8 GEMM path keeps the other weights FP8. ``decode(static=True)`` has fixed
   shapes and no host sync, as a CUDA graph needs: the chosen experts through one grouped kernel
-  (``kernels/moe_gemm.py``) when the experts are stacked, else every local expert with zero weights where not
-  chosen. Eagerly (prefill, ``forward``) the routed experts run sorted by expert, the counts read once per layer.
+  (``kernels/moe_gemm.py``) when the experts are stacked, else every local expert on every row (the chosen outputs
+  kept). Eagerly (prefill, ``forward``) the routed experts run sorted by expert, the counts read once per layer.
 - Batch invariance (Triton engine): every decode step runs on ``kernels/rowwise.py`` (GEMMs, RMSNorm, the absorbed
   attention, the experts' weighted sum) and the grouped experts kernel, whose result for a row does not depend on
   how many rows the step has, nor on the attended length beyond the row's own position. So a sequence decodes to
@@ -563,17 +563,19 @@ class Layer:
     def moe_ffn(self, x: torch.Tensor, static: bool = False) -> torch.Tensor:
         """Routed experts (only those chosen, reading which ones from the device), plus the shared experts. With
         ``static`` (fixed shapes, no host synchronization, as a CUDA graph needs): the grouped kernel when the
-        experts are stacked (each chosen expert's weights read once), else every local expert on every row with a
-        zero weight where it was not chosen."""
+        experts are stacked (each chosen expert's weights read once), else every local expert on every row, each
+        row's chosen outputs then weighted and summed (the same sum as the eager path's)."""
         idx, w = self.route(x)
         y = torch.zeros_like(x)
         if self.grouped is not None and (static or self.env.invariant):
             y = self._grouped_experts(x, idx, w)
-        elif static:
-            dense = torch.zeros(x.shape[0], self.env.cfg.n_routed_experts, dtype=w.dtype, device=x.device)
-            dense.scatter_(1, idx, w)
-            for e, mlp in self.experts.items():
-                y = y + _mlp(mlp, x) * dense[:, e, None].to(x.dtype)
+        elif static:  # every local expert on every row; each row's chosen outputs summed as the eager path sums them
+            first, n = min(self.experts), x.shape[0]
+            outs = torch.stack([_mlp(self.experts[e], x) for e in sorted(self.experts)])  # [local experts, n, H]
+            local = idx - first
+            mine = (local >= 0) & (local < len(self.experts))  # under tensor parallelism, other ranks' experts give 0
+            chosen = outs[torch.where(mine, local, torch.zeros_like(local)), torch.arange(n, device=x.device)[:, None]]
+            y = self._choice_sum(chosen, torch.where(mine, w, torch.zeros_like(w)))
         else:
             y = self._sorted_experts(x, idx, w)
         if self.shared is not None:

@@ -2,9 +2,9 @@
 
 A step of a large MoE model at small batch is dominated by kernel launches (hundreds per layer); replaying a
 captured graph launches them all at once. The step is capturable because ``Model.decode(..., static=True)`` has
-fixed shapes for a batch size (it attends over the whole cache length, masked) and never reads the device from the
-host (every expert runs with a zero weight where it was not chosen, the rope tables and the cache rows are indexed
-on the device). Tokens and positions are copied into the graph's own input tensors before each replay.
+fixed shapes for a batch size (it attends over the whole cache length, masked, or on the batch-invariant kernels
+over each row's own positions) and never reads the device from the host (the chosen experts through the grouped
+kernel, or every expert on every row; the rope tables and the cache rows are indexed on the device). Tokens and positions are copied into the graph's own input tensors before each replay.
 
 Capturing runs the step, which writes cache rows at position 0 of the first slots; the engine therefore captures a
 batch size before it prefills a batch of that size (``ensure``), never in the middle of one. Exercised by
