@@ -85,7 +85,7 @@ def ours(ck, args) -> dict:
     cfg = ck.config
     g = torch.Generator().manual_seed(0)
     res: dict = {"prefill_tokens_per_s": {}, "decode_ms": {}, "decode_eager_ms": {}}
-    for B, T in PREFILL:
+    for B, T in PREFILL if not args.skip_prefill else []:
         cache = model.new_cache(B, T)
         prompts = [torch.randint(0, cfg.vocab_size, (T,), generator=g).tolist() for _ in range(B)]
         s = timed(lambda p=prompts, c=cache: model.prefill(p, c))
@@ -158,7 +158,7 @@ def upstream(ck, args) -> dict:
         del sd
         g = torch.Generator().manual_seed(0)
         res: dict = {"prefill_tokens_per_s": {}, "decode_ms": {}}
-        for B, T in PREFILL:
+        for B, T in PREFILL if not args.skip_prefill else []:
             tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=g, device="cpu").cuda()
             s = timed(lambda t=tokens: m.forward(t, 0))
             res["prefill_tokens_per_s"][f"{B}x{T}"] = round(B * T / s)
@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=1024, help="cache length for the decode measurements")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip-prefill", action="store_true", help="decode only (both sides)")
     args = ap.parse_args()
     ckpt = args.workdir / "v3-slice"
     if not (ckpt / "config.json").is_file():
