@@ -30,11 +30,19 @@ from dsv3_tools.synth import synth
 
 
 def run(
-    ck, tok, device: str, batch: int, new: int, speculative: bool, vocab: int, graph: bool = False
+    ck,
+    tok,
+    device: str,
+    batch: int,
+    new: int,
+    speculative: bool,
+    vocab: int,
+    graph: bool = False,
+    invariant: bool | None = None,
 ) -> tuple[float, list, list]:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     engine = "triton" if device.startswith("cuda") else "torch"
-    model = load_model(ck, device=device, engine=engine, stream=False, dtype=dtype)
+    model = load_model(ck, device=device, engine=engine, stream=False, dtype=dtype, batch_invariant=invariant)
     eng = Engine(model, tok, batch, 64 + new + 2, ignore_eos=True, speculative=speculative, cuda_graph=graph)
     g = torch.Generator().manual_seed(1)
     reqs = [
@@ -61,15 +69,17 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batch-invariant", action="store_true", help="decode on kernels/rowwise.py (CUDA)")
     args = ap.parse_args()
     ckpt = args.workdir / f"{args.config}-{args.profile}"
     if not (ckpt / "config.json").is_file():
         synth(ckpt, args.config, layers=args.layers, experts=args.experts, profile=args.profile)
     ck, tok = open_checkpoint(ckpt), Tokenizer.load(ckpt)
     rows = []
+    inv = args.batch_invariant or None
     for batch in (1, 4):
-        plain_ms, plain_ids, _ = run(ck, tok, args.device, batch, args.new, False, ck.config.vocab_size)
-        spec_ms, spec_ids, spec = run(ck, tok, args.device, batch, args.new, True, ck.config.vocab_size)
+        plain_ms, plain_ids, _ = run(ck, tok, args.device, batch, args.new, False, ck.config.vocab_size, False, inv)
+        spec_ms, spec_ids, spec = run(ck, tok, args.device, batch, args.new, True, ck.config.vocab_size, False, inv)
         drafted, accepted = sum(x["drafted"] for x in spec), sum(x["accepted"] for x in spec)
         rows.append({
             "batch": batch, "plain_ms_per_token": round(plain_ms, 3), "speculative_ms_per_token": round(spec_ms, 3),
@@ -77,8 +87,8 @@ def main() -> None:
             "identical_tokens": plain_ids == spec_ids,
         })  # fmt: skip
         if args.device.startswith("cuda"):  # plain decoding at its fastest: the step in a CUDA graph
-            graph_ms, graph_ids, _ = run(ck, tok, args.device, batch, args.new, False, ck.config.vocab_size, True)
-            sg_ms, sg_ids, sg = run(ck, tok, args.device, batch, args.new, True, ck.config.vocab_size, True)
+            graph_ms, graph_ids, _ = run(ck, tok, args.device, batch, args.new, False, ck.config.vocab_size, True, inv)
+            sg_ms, sg_ids, sg = run(ck, tok, args.device, batch, args.new, True, ck.config.vocab_size, True, inv)
             rows[-1] |= {
                 "plain_graph_ms_per_token": round(graph_ms, 3), "speculative_graph_ms_per_token": round(sg_ms, 3),
                 "cost_graphs": round(sg_ms / graph_ms, 3), "accepted_graph": sum(x["accepted"] for x in sg),

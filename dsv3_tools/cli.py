@@ -432,6 +432,14 @@ def generate(
         bool | None, typer.Option("--cuda-graph/--no-cuda-graph", help="Replay the decode step (default: on cuda).")
     ] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at EOS (benchmarks).")] = False,
+    batch_invariant: Annotated[
+        bool | None,
+        typer.Option(
+            "--batch-invariant/--no-batch-invariant",
+            help="Decode on kernels whose result for a sequence does not depend on its batch (Triton engine): the "
+            "same tokens alone or batched, and --speculative mtp exactly plain greedy's in bfloat16 too.",
+        ),
+    ] = None,
     speculative: Annotated[
         str | None,
         typer.Option(
@@ -450,7 +458,7 @@ def generate(
         top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         max_new_tokens=max_new_tokens, stop=tuple(stop or ()), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
         json=json_, device=device, engine=engine, gemm=gemm, dtype=dtype, cuda_graph=cuda_graph, ignore_eos=ignore_eos,
-        speculative=speculative,
+        speculative=speculative, batch_invariant=batch_invariant,
     )  # fmt: skip
     raise typer.Exit(run_generate(opts, report.generate_ui(json_)))
 

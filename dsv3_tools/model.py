@@ -43,7 +43,7 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
   shapes and no host sync, as a CUDA graph needs: the chosen experts through one grouped kernel
   (``kernels/moe_gemm.py``) when the experts are stacked, else every local expert on every row (the chosen outputs
   kept). Eagerly (prefill, ``forward``) the routed experts run sorted by expert, the counts read once per layer.
-- Batch invariance (Triton engine): every decode step runs on ``kernels/rowwise.py`` (GEMMs, RMSNorm, the absorbed
+- Batch invariance (Triton engine, ``batch_invariant``): every decode step runs on ``kernels/rowwise.py`` (GEMMs, RMSNorm, the absorbed
   attention, the experts' weighted sum) and the grouped experts kernel, whose result for a row does not depend on
   how many rows the step has, nor on the attended length beyond the row's own position. So a sequence decodes to
   the same bits alone or in any batch, and speculative decoding's two rows per sequence give plain decoding's
@@ -70,6 +70,10 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, MissingTensorError, ShardingError
 from .parallel import Group, check_degree, current_group, local_slice
 from .runtime import rank_device
+
+# Decode on the batch-invariant kernels unless asked otherwise (Triton engine). Off until they have run on a GPU:
+# they are checked under Triton's interpreter only (tests/test_kernels.py); tests/test_gpu.py has their GPU checks.
+BATCH_INVARIANT = False
 
 OnLayer = Callable[[int, list[torch.Tensor]], None]
 # Teacher forcing: ``teacher(L, run)`` is called while layer L's weights are loaded; ``run(hidden)`` applies that layer
@@ -497,6 +501,7 @@ class Layer:
         from .kernels.moe_gemm import moe_gemm
 
         env = self.env
+        inv = env.invariant
         B, k = idx.shape
         first = min(self.experts)
         local = idx - first
@@ -504,9 +509,9 @@ class Layer:
         pairs = torch.where(mine, local, torch.zeros_like(local)).reshape(-1)
         xs = x.repeat_interleave(k, dim=0)
         w13, w2 = self.grouped
-        gu = moe_gemm(xs, w13, None, pairs, env.block, max_per_expert=B)
+        gu = moe_gemm(xs, w13, None, pairs, env.block, max_per_expert=B, invariant=inv)
         g, u = gu.split(w13.shape[1] // 2, dim=-1)
-        out = moe_gemm(F.silu(g) * u, w2, None, pairs, env.block, max_per_expert=B).view(B, k, -1)
+        out = moe_gemm(F.silu(g) * u, w2, None, pairs, env.block, max_per_expert=B, invariant=inv).view(B, k, -1)
         return self._choice_sum(out, torch.where(mine, w, torch.zeros_like(w)))
 
     def _choice_sum(self, out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -843,8 +848,10 @@ def load_model(
     gemm: str = "bf16",
     stream: bool = False,
     dtype: torch.dtype = torch.float32,
+    batch_invariant: bool | None = None,
 ) -> Model:
-    """A ``Model`` whose ``forward`` runs prompts; ``stream=False`` reads every main-model weight now."""
+    """A ``Model`` whose ``forward`` runs prompts; ``stream=False`` reads every main-model weight now.
+    ``batch_invariant``: decode steps on ``kernels/rowwise.py`` (Triton engine; default ``BATCH_INVARIANT``)."""
     cfg = ck.config
     if cfg is None:
         raise ConfigError(f"{ck.path}: no model config (config.json)")
@@ -860,7 +867,9 @@ def load_model(
         raise ConfigError("engine 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use engine 'torch' on CPU")
     env = Env(ck, cfg, dev, dtype, gemm, Ops(engine), group, cfg.block_size, cfg.quant.scale_fmt if cfg.quant else None)
     env.grouped_moe = engine == "triton" and gemm == "bf16"
-    env.invariant_decode = engine == "triton"
+    if batch_invariant and engine != "triton":
+        raise ConfigError("batch-invariant decoding runs the Triton kernels: engine 'triton' (CUDA)")
+    env.invariant_decode = engine == "triton" and (BATCH_INVARIANT if batch_invariant is None else batch_invariant)
     return Model(env, resident=not stream)
 
 

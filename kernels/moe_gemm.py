@@ -7,13 +7,13 @@ materialized). ``moe_gemm_ref`` is the plain-torch reference (the test oracle an
 
 Why a kernel: the eager MoE picks the chosen experts on the host (``torch.where`` then a loop), which a CUDA graph
 cannot capture, and running every expert on every token (the graph-safe alternative) reads all of them. Here one
-program per (16 of an expert's rows, expert, column block) reads its expert's tile only if that expert has rows
-there (``counts[e]``), and multiplies it with those rows at once, so a step reads each chosen expert's weights
-once (the programs of one expert's further rows, if any, run next to it and find the tile in L2), with fixed
-shapes and no host synchronization. Memory per step: the chosen experts' bytes.
+program per (expert, column block) reads its expert's tile only if some pair chose it (``counts[e] > 0``), and
+multiplies it with all of that expert's rows at once (at most one row per token), so a step reads each chosen
+expert's weights once, with fixed shapes and no host synchronization. Memory per step: the chosen experts' bytes.
 
-Batch invariance (``kernels/rowwise.py``): the tile is 16 rows whatever the number of pairs, so a row's result
-does not depend on how many other rows chose its expert.
+Batch invariance (``invariant=True``, ``kernels/rowwise.py``): the row tile is 16 whatever the number of pairs,
+one program per 16 of an expert's rows (the programs of one expert's further rows, if any, run next to each other
+and find the weight tile in L2), so a row's result does not depend on how many other rows chose its expert.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _build():
         SK,  # columns of an expert's scale grid
         FP8: tl.constexpr,
         B0: tl.constexpr,  # scale block height (128)
-        BM: tl.constexpr,  # rows per program (16: the smallest tensor-core tile, whatever the row count)
+        BM: tl.constexpr,  # rows per program, >= 16 for tl.dot (the pairs one expert can have, or 16: invariant)
         BN: tl.constexpr,  # divides B0: a program's columns share one row of scales
         BK: tl.constexpr,  # == B1: one scale per K step
         DOT: tl.constexpr,  # operand dtype of the product: the rows' dtype (bf16 or f32); f32 under the
@@ -120,9 +120,11 @@ def moe_gemm(
     expert: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     max_per_expert: int | None = None,
+    invariant: bool = False,
 ) -> torch.Tensor:
     """The Triton version of ``moe_gemm_ref`` (same arguments); ``max_per_expert`` bounds the pairs one expert can
-    have (the tokens of the step: each chooses an expert once), default ``x.shape[0]``."""
+    have (the tokens of the step: each chooses an expert once), default ``x.shape[0]``; ``invariant``: 16-row tiles
+    whatever the pair count (see the module docstring)."""
     global _kernel
     import triton
     import triton.language as tl
@@ -138,10 +140,11 @@ def moe_gemm(
         _kernel = _build()
     order, start, counts = route(expert, E)
     y = torch.empty((P, N), dtype=x.dtype, device=x.device)
-    bm = 16
+    most = max(1, max_per_expert or P)
+    bm = 16 if invariant else max(16, triton.next_power_of_2(most))
     scales = s if fp8 else counts  # any tensor for the unused pointer
     sn, sk = (s.shape[1], s.shape[2]) if fp8 else (1, 1)
-    grid = (triton.cdiv(max(1, max_per_expert or P), bm), E, triton.cdiv(N, BLOCK_N))
+    grid = (triton.cdiv(most, bm), E, triton.cdiv(N, BLOCK_N))
     _kernel[grid](
         x.contiguous(), w, scales, y, order, start, counts, N, K, sn, sk,
         FP8=fp8, B0=block[0], BM=bm, BN=BLOCK_N, BK=BLOCK_K,

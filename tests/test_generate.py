@@ -226,6 +226,7 @@ def test_bad_input_is_exit_2_one_line(tiny_fp8: Path, tmp_path: Path, capsys, mo
         ([ck, "-p", "x", "--max-seq-len", "999999"], "beyond the model's max_position_embeddings"),
         ([ck, "-p", "x", "-i", str(empty)], "exclusive"),
         ([ck, "--json"], "--json writes batch results"),
+        ([ck, "-p", "x", "--batch-invariant", "--device", "cpu"], "--batch-invariant runs the Triton decode kernels"),
     ]  # fmt: skip
     import re
 

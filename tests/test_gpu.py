@@ -413,7 +413,7 @@ def test_moe_gemm_on_the_gpu() -> None:
         assert rel < 5e-3, (w.dtype, rel)  # bf16 outputs, f32 accumulation in another order
 
 
-def _tiny_gpu_model(tmp_path, gemm: str = "bf16", profile: str = "random"):
+def _tiny_gpu_model(tmp_path, gemm: str = "bf16", profile: str = "random", invariant: bool | None = None):
     from dsv3_tools.checkpoint import open_checkpoint
     from dsv3_tools.model import load_model
     from dsv3_tools.synth import synth
@@ -422,14 +422,15 @@ def _tiny_gpu_model(tmp_path, gemm: str = "bf16", profile: str = "random"):
     if not ck.exists():
         synth(ck, "tiny", dtype="fp8", seed=0, shards=2, profile=profile)
     return load_model(open_checkpoint(ck), device="cuda", engine="triton", gemm=gemm, stream=False,
-                      dtype=torch.bfloat16)  # fmt: skip
+                      dtype=torch.bfloat16, batch_invariant=invariant)  # fmt: skip
 
 
-def test_graph_step_is_bit_identical_to_the_eager_step(tmp_path) -> None:
+@pytest.mark.parametrize("invariant", [False, True], ids=["cublas", "batch-invariant"])
+def test_graph_step_is_bit_identical_to_the_eager_step(tmp_path, invariant: bool) -> None:
     """The CUDA graph of the decode step replays exactly the eager step's arithmetic: bit-identical logits."""
     from dsv3_tools.generate.graphs import GraphDecoder
 
-    model = _tiny_gpu_model(tmp_path)
+    model = _tiny_gpu_model(tmp_path, invariant=invariant)
     prompts = [[5, 9, 200, 17, 3], list(range(60, 83))]
     tokens, positions = torch.tensor([7, 8], device="cuda"), torch.tensor([5, 23], device="cuda")
     eager_cache, graph_cache = model.new_cache(2, 64), model.new_cache(2, 64)
@@ -443,9 +444,10 @@ def test_graph_step_is_bit_identical_to_the_eager_step(tmp_path) -> None:
     assert torch.equal(eager_cache.data, graph_cache.data)
 
 
-def test_decode_step_never_synchronizes_with_the_host(tmp_path) -> None:
+@pytest.mark.parametrize("invariant", [False, True], ids=["cublas", "batch-invariant"])
+def test_decode_step_never_synchronizes_with_the_host(tmp_path, invariant: bool) -> None:
     """torch's sync debug mode raises on any operation that waits for the device from the host."""
-    model = _tiny_gpu_model(tmp_path)
+    model = _tiny_gpu_model(tmp_path, invariant=invariant)
     cache = model.new_cache(4, 64)
     model.prefill([[5, 9, 200], [1, 2], [3], [4, 5, 6, 7]], cache)
     tokens, positions = torch.tensor([7, 8, 9, 10], device="cuda"), torch.tensor([3, 2, 1, 4], device="cuda")
@@ -505,7 +507,7 @@ def test_speculative_on_the_gpu_gives_plain_greedy_tokens(tmp_path, dtype: torch
     greedy = SamplingParams(temperature=0.0)
     outs = {}
     for spec, graph in ((False, True), (True, False), (True, True)):
-        model = load_model(ck, device="cuda", engine="triton", dtype=dtype)
+        model = load_model(ck, device="cuda", engine="triton", dtype=dtype, batch_invariant=True)
         eng = Engine(model, tok, 3, 64, ignore_eos=True, speculative=spec, cuda_graph=graph)
         outs[spec, graph] = eng.run([Request(i, "", p, greedy, n, (), 0) for i, (p, n) in
                                      enumerate(zip(prompts, (40, 17, 29)))])  # fmt: skip
@@ -578,7 +580,7 @@ def test_decode_rows_do_not_depend_on_the_batch(tmp_path) -> None:
     graph's static form (whole cache attended) or as the second row of its own sequence (speculative decoding's
     verify step): BF16, FP8 and BF16 GEMM paths."""
     for gemm in ("bf16", "fp8"):
-        model = _tiny_gpu_model(tmp_path, gemm)
+        model = _tiny_gpu_model(tmp_path, gemm, invariant=True)
         prompts = [[5, 9, 200, 17, 3], list(range(60, 83)), [11, 12]]
         cache = model.new_cache(3, 64)
         model.prefill(prompts, cache)

@@ -486,7 +486,8 @@ def test_decode_rows_do_not_depend_on_the_batch_under_the_interpreter(tiny_fp8) 
     from dsv3_tools.checkpoint import open_checkpoint
     from dsv3_tools.model import load_model
 
-    model = load_model(open_checkpoint(tiny_fp8), engine="triton", stream=False, dtype=torch.float32)
+    model = load_model(open_checkpoint(tiny_fp8), engine="triton", stream=False, dtype=torch.float32,
+                       batch_invariant=True)  # fmt: skip
     assert model.env.invariant_decode
     cache = model.new_cache(3, 40)
     model.prefill([[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10]], cache)

@@ -54,6 +54,7 @@ class Options:
     gemm: str = "bf16"
     dtype: str = "auto"
     cuda_graph: bool | None = None  # default: on for CUDA
+    batch_invariant: bool | None = None  # decode on kernels/rowwise.py (default: model.BATCH_INVARIANT)
     ignore_eos: bool = False
     speculative: str | None = None  # "mtp": greedy decoding with the MTP module's drafts
 
@@ -247,6 +248,8 @@ def run_generate(opts: Options, ui: UI) -> int:
 
     device = resolve_device(opts.device)
     engine_name = resolve_engine(opts.engine, device)
+    if opts.batch_invariant and engine_name != "triton":
+        raise Dsv3Error("--batch-invariant runs the Triton decode kernels: --engine triton (on a CUDA device)")
     dtype = getattr(torch, resolve_dtype(opts.dtype, device))
     rank, world = init_distributed(device)
     lead = rank == 0
@@ -277,7 +280,8 @@ def run_generate(opts: Options, ui: UI) -> int:
     if lead:
         ui.plan(plan)
 
-    model = load_model(ck, device=device, engine=engine_name, gemm=opts.gemm, stream=False, dtype=dtype)
+    model = load_model(ck, device=device, engine=engine_name, gemm=opts.gemm, stream=False, dtype=dtype,
+                       batch_invariant=opts.batch_invariant)  # fmt: skip
     graphs = opts.cuda_graph if opts.cuda_graph is not None else model.env.device.type == "cuda"
     engine = Engine(model, tok, batch, max_len, cuda_graph=graphs, ignore_eos=opts.ignore_eos,
                     speculative=opts.speculative == "mtp")  # fmt: skip

@@ -101,11 +101,12 @@ class Engine:
         self.cache = model.new_cache(max_batch, max_len)
         self.eos = frozenset() if ignore_eos or tok is None else tok.eos_ids
         self.graphs = self.spec_graphs = None
-        if cuda_graph and speculative:
+        # (speculative steps in CUDA graphs only on the batch-invariant kernels: the pair that has run on a GPU)
+        if cuda_graph and speculative and model.env.invariant_decode:
             from .graphs import SpeculativeGraphs
 
             self.spec_graphs = SpeculativeGraphs(model, self.cache)
-        elif cuda_graph:
+        elif cuda_graph and not speculative:
             from .graphs import GraphDecoder
 
             self.graphs = GraphDecoder(model, self.cache)
