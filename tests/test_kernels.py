@@ -504,3 +504,63 @@ def test_decode_rows_do_not_depend_on_the_batch_under_the_interpreter(tiny_fp8) 
     before = model.decode(torch.tensor([20, 21, 22]), torch.tensor([5, 3, 8]), cache, kv_len=9)
     rel = float((batch - before).norm() / before.norm())
     assert rel < 1e-5, rel
+
+
+_ROWWISE_COMPILE = r"""
+import json
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsv3_tools.kernels import rowwise
+
+k = rowwise._build()
+out = {}
+
+
+def compile_for_hopper(name, fn, sig, const, warps, stages):
+    sig = dict(sig, **{n: "constexpr" for n in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(n),): v for n, v in const.items()}, attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    out[name] = dict(shared=c.metadata.shared, cubin=len(c.asm["cubin"]))
+
+
+def i32(*names):
+    return {n: "i32" for n in names}
+
+
+strides = ("sxg", "sxm", "sxk", "swg", "swn", "swk", "syg", "sym", "syn")
+for dt, bn in (("bf16", 64), ("bf16", 32), ("bf16", 16), ("fp32", 16)):
+    _, bk, warps, stages = rowwise.tiles(256, 7168, torch.float32 if dt == "fp32" else torch.bfloat16, torch.device("cpu"))
+    sig = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}", **i32("M", "N", "K", *strides))
+    const = dict(BM=rowwise.BM, BN=bn, BK=bk, DOT=tl.bfloat16 if dt == "bf16" else tl.float32)
+    compile_for_hopper(f"matmul {dt} BN {bn}", k["matmul"], sig, const, warps, stages)
+compile_for_hopper("rms_norm 7168", k["rms"], dict(x_ptr="*bf16", w_ptr="*fp32", y_ptr="*bf16", **i32("H", "sx", "sy"),
+                   eps="fp32"), dict(BLOCK=8192), 8, 3)
+sig = dict(ql_ptr="*bf16", qp_ptr="*bf16", c_ptr="*bf16", o_ptr="*bf16", slot_ptr="*i64", pos_ptr="*i64",
+           **i32("NH", "C", "R", "sqlb", "sqlh", "sqpb", "sqph", "scs", "scp", "sob", "soh"), scale="fp32")
+compile_for_hopper("mla_decode V3", k["mla"], sig, dict(BH=16, BS=32, CP=512, RP=64, DOT=tl.bfloat16), 4, 2)
+compile_for_hopper("choice_sum", k["choice"], dict(y_ptr="*bf16", w_ptr="*fp32", o_ptr="*bf16", **i32("K", "H")),
+                   dict(BLOCK=1024), 4, 3)
+print(json.dumps(out))
+"""
+
+
+def test_rowwise_kernels_compile_for_hopper() -> None:
+    """The batch-invariant decode kernels with their GPU operand types (BF16 tensor-core products, which the
+    interpreter does not run) and V3's decode tile sizes compile for Hopper (sm_90) down to a cubin without a GPU,
+    each within one SM's shared memory (227 KB on H100 and H200)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _ROWWISE_COMPILE], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert len(out) == 7, out
+    for name, r in out.items():
+        assert r["cubin"] > 0 and r["shared"] <= 227 * 1024, (name, r)
