@@ -478,6 +478,27 @@ def test_rowwise_mla_decode_attends_to_its_own_positions_only() -> None:
 
 
 @interpreted
+def test_moe_gemm_invariant_tiles_over_many_rows_of_one_expert() -> None:
+    """``moe_gemm(invariant=True)``: 16-row tiles, an expert chosen by up to 40 tokens (three row tiles): each pair's
+    row against the reference (F32 rows: exact to F32 rounding), and the first tokens' pairs bit-identical to a call
+    with those tokens only."""
+    from dsv3_tools.kernels.moe_gemm import moe_gemm, moe_gemm_ref
+
+    g = _gen(24)
+    E, N, K, T, k = 3, 70, 150, 40, 2
+    w = torch.randn(E, N, K, generator=g).to(torch.bfloat16)
+    x = torch.randn(T, K, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    rows, experts = x.repeat_interleave(k, 0), idx.reshape(-1)
+    full = moe_gemm(rows, w, None, experts, max_per_expert=T, invariant=True)
+    want = moe_gemm_ref(rows, w, None, experts)
+    assert torch.allclose(full, want, rtol=0, atol=1e-4), float((full - want).abs().max())
+    for t in (1, 7, 17):
+        part = moe_gemm(rows[: t * k], w, None, experts[: t * k], max_per_expert=t, invariant=True)
+        assert torch.equal(part, full[: t * k]), (t, _where(part != full[: t * k]))
+
+
+@interpreted
 def test_decode_rows_do_not_depend_on_the_batch_under_the_interpreter(tiny_fp8) -> None:
     """The whole decode step on the Triton engine (tiny model, F32): a sequence's logits are bit-identical alone
     and in a batch, and as the second row of its own sequence (speculative decoding's verify step) and alone at
