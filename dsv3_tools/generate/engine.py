@@ -231,7 +231,7 @@ class Engine:
             graphs.ensure(len(prompts))  # captured before the prefill: capturing writes cache rows
         t0 = time.perf_counter()
         logits, h = model.prefill(prompts, self.cache, hidden=True)
-        chosen = [s.choose(row) for s, row in zip(seqs, logits)]
+        chosen = [s.choose(row) for s, row in zip(seqs, logits.to("cpu", torch.float64))]
         nxt = torch.tensor([t for p, c in zip(prompts, chosen) for t in p[1:] + [c]], device=dev)
         drafts = drafter.prefill(h, nxt, [len(p) for p in prompts], self.cache).argmax(-1).tolist()
         if dev.type == "cuda":
@@ -270,6 +270,7 @@ class Engine:
                 logits, h = graphs.verify(tokens_t, pos_t)
             else:
                 logits, h = model.decode(tokens_t, pos_t, self.cache, max(pos) + 1, slots=slots_t, hidden=True)
+            logits = logits.to("cpu", torch.float64)  # one copy per step (choose would copy row by row)
             after = list(feed)  # the token after each row (the MTP module's input), where known
             used: dict[int, int] = {}  # sequence -> the row whose MTP output is its next draft
             for k, i in enumerate(fed):
