@@ -29,6 +29,7 @@ import os
 import torch
 
 from . import _launch
+from .fp8_gemm import _num_sms, pick_config  # (_num_sms: 2 under the interpreter)
 
 BM = 16  # rows per matmul program (the smallest tensor-core tile)
 
@@ -157,23 +158,11 @@ def _dot_dtype(t: torch.Tensor):
     return tl.bfloat16 if t.dtype == torch.bfloat16 else tl.float16
 
 
-_NUM_SMS: dict = {}
-
-
-def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
-
-
 def tiles(N: int, K: int, dtype: torch.dtype, device: torch.device, groups: int = 1) -> tuple[int, int, int, int]:
     """(BN, BK, warps, stages) for a weight [groups, N, K]: from the weight's shape and the GPU only, never from the
     row count. The widest column tile that still gives every SM a program (a decode step reads each weight once, so
     what counts is that all SMs stream it); F32 (the router) in shorter K steps."""
-    sms = _sms(device)
+    sms = _num_sms(device)
     bn = next((b for b in (64, 32) if groups * -(-N // b) >= sms), 16)
     if dtype == torch.float32:
         return bn, 32, 4, 3
@@ -273,6 +262,4 @@ def choice_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def fp8_config(N: int, K: int, device: torch.device):
     """A fixed ``fp8_gemm`` tile configuration for a weight [N, K] (``pick_config``'s choice for up to 16 rows,
     whatever the row count): the FP8 path's batch-invariant GEMM."""
-    from .fp8_gemm import pick_config
-
-    return pick_config(1, N, K, _sms(device))
+    return pick_config(1, N, K, _num_sms(device))
