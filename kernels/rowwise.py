@@ -24,6 +24,7 @@ invariance under the interpreter, ``tests/test_gpu.py`` on a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -158,6 +159,7 @@ def _dot_dtype(t: torch.Tensor):
     return tl.bfloat16 if t.dtype == torch.bfloat16 else tl.float16
 
 
+@functools.lru_cache(maxsize=1024)
 def tiles(N: int, K: int, dtype: torch.dtype, device: torch.device, groups: int = 1) -> tuple[int, int, int, int]:
     """(BN, BK, warps, stages) for a weight [groups, N, K]: from the weight's shape and the GPU only, never from the
     row count. The widest column tile that still gives every SM a program (a decode step reads each weight once, so
@@ -259,6 +261,7 @@ def choice_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def fp8_config(N: int, K: int, device: torch.device):
     """A fixed ``fp8_gemm`` tile configuration for a weight [N, K] (``pick_config``'s choice for up to 16 rows,
     whatever the row count): the FP8 path's batch-invariant GEMM."""

@@ -265,8 +265,8 @@ class Engine:
                     feed += [seqs[i].out[-1]] * 2
                     pos += [p, p]
             tokens_t, pos_t = torch.tensor(feed, device=dev), torch.tensor(pos, device=dev)
-            slots_t = torch.tensor([i for i in fed for _ in (0, 1)], device=dev)
-            if graphs is not None:
+            slots_t = None if graphs is not None else torch.tensor([i for i in fed for _ in (0, 1)], device=dev)
+            if slots_t is None:  # (the graphs hold their slots: sequence i in rows 2i and 2i + 1)
                 logits, h = graphs.verify(tokens_t, pos_t)
             else:
                 logits, h = model.decode(tokens_t, pos_t, self.cache, max(pos) + 1, slots=slots_t, hidden=True)

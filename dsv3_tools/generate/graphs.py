@@ -4,7 +4,8 @@ A step of a large MoE model at small batch is dominated by kernel launches (hund
 captured graph launches them all at once. The step is capturable because ``Model.decode(..., static=True)`` has
 fixed shapes for a batch size (it attends over the whole cache length, masked, or on the batch-invariant kernels
 over each row's own positions) and never reads the device from the host (the chosen experts through the grouped
-kernel, or every expert on every row; the rope tables and the cache rows are indexed on the device). Tokens and positions are copied into the graph's own input tensors before each replay.
+kernel, or every expert on every row; the rope tables and the cache rows are indexed on the device). Tokens and
+positions are copied into the graph's own input tensors before each replay.
 
 Capturing runs the step, which writes cache rows at position 0 of the first slots; the engine therefore captures a
 batch size before it prefills a batch of that size (``ensure``), never in the middle of one. Exercised by
@@ -83,6 +84,19 @@ class GraphDecoder:
         return g.logits
 
 
+@dataclass
+class _SpecCaptured:
+    """The input tensors both graphs read (copied into before each replay) and each graph with its outputs."""
+
+    tokens: torch.Tensor  # [2n] verify: each sequence's last token and its draft
+    positions: torch.Tensor  # [2n] both steps
+    slots: torch.Tensor  # [2n] 0, 0, 1, 1, ...
+    hidden: torch.Tensor  # [2n, H] draft: the verify step's final hidden states
+    next: torch.Tensor  # [2n] draft: the token after each row
+    verify: tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]] | None = None
+    draft: tuple[torch.cuda.CUDAGraph, torch.Tensor] | None = None
+
+
 class SpeculativeGraphs:
     """Speculative decoding's verify and draft steps for ``n`` sequences, two rows each (sequence i in rows 2i and
     2i + 1, cache slot i), each through its own CUDA graph; one memory pool. The outputs are the graphs' own
@@ -94,7 +108,7 @@ class SpeculativeGraphs:
         if model.drafter is None:
             raise ValueError("speculative graphs need the drafter loaded (Model.load_drafter)")
         self.model, self.cache, self.warmup = model, cache, warmup
-        self.captured: dict[int, dict] = {}
+        self.captured: dict[int, _SpecCaptured] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def ensure(self, n: int) -> None:
@@ -104,25 +118,23 @@ class SpeculativeGraphs:
         model, cache, dev = self.model, self.cache, self.cache.data.device
         env, drafter = model.env, model.drafter
         assert drafter is not None
-        c = {
-            "tokens": torch.zeros(2 * n, dtype=torch.long, device=dev),
-            "positions": torch.zeros(2 * n, dtype=torch.long, device=dev),
-            "slots": torch.arange(n, device=dev).repeat_interleave(2),
-            "hidden": torch.zeros(2 * n, env.cfg.hidden_size, dtype=env.dtype, device=dev),
-            "next": torch.zeros(2 * n, dtype=torch.long, device=dev),
-        }
+        ids = torch.zeros(2 * n, dtype=torch.long, device=dev)
+        c = _SpecCaptured(
+            ids, ids.clone(), torch.arange(n, device=dev).repeat_interleave(2),
+            torch.zeros(2 * n, env.cfg.hidden_size, dtype=env.dtype, device=dev), ids.clone(),
+        )  # fmt: skip
 
         def verify():
-            return model.decode(c["tokens"], c["positions"], cache, static=True, slots=c["slots"], hidden=True)
+            return model.decode(c.tokens, c.positions, cache, static=True, slots=c.slots, hidden=True)
 
         def draft():
-            return drafter.decode(c["hidden"], c["next"], c["positions"], c["slots"], cache, cache.max_len, True)
+            return drafter.decode(c.hidden, c.next, c.positions, c.slots, cache, cache.max_len, True)
 
-        c["verify"] = _capture(verify, dev, self.pool, self.warmup)
-        c["draft"] = _capture(draft, dev, self.pool, self.warmup)
+        c.verify = _capture(verify, dev, self.pool, self.warmup)
+        c.draft = _capture(draft, dev, self.pool, self.warmup)
         self.captured[n] = c
 
-    def _get(self, rows: int) -> dict:
+    def _get(self, rows: int) -> _SpecCaptured:
         c = self.captured.get(rows // 2)
         if c is None or rows % 2:
             raise RuntimeError(f"no speculative CUDA graphs captured for {rows} rows (call ensure first)")
@@ -131,18 +143,18 @@ class SpeculativeGraphs:
     def verify(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [2n, vocab], final hidden states [2n, H]) of the rows ``tokens`` at ``positions``."""
         c = self._get(tokens.shape[0])
-        c["tokens"].copy_(tokens)
-        c["positions"].copy_(positions)
-        graph, out = c["verify"]
+        c.tokens.copy_(tokens)
+        c.positions.copy_(positions)
+        graph, out = c.verify
         graph.replay()
         return out
 
     def draft(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The MTP module's logits [2n, vocab] for rows (h_j, t_{j+1}) at positions j."""
         c = self._get(hidden.shape[0])
-        c["hidden"].copy_(hidden)
-        c["next"].copy_(next_tokens)
-        c["positions"].copy_(positions)
-        graph, out = c["draft"]
+        c.hidden.copy_(hidden)
+        c.next.copy_(next_tokens)
+        c.positions.copy_(positions)
+        graph, out = c.draft
         graph.replay()
         return out
