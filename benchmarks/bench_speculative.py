@@ -69,14 +69,15 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--batch-invariant", action="store_true", help="decode on kernels/rowwise.py (CUDA)")
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode on kernels/rowwise.py (CUDA; default: the model's, on)")  # fmt: skip
     args = ap.parse_args()
     ckpt = args.workdir / f"{args.config}-{args.profile}"
     if not (ckpt / "config.json").is_file():
         synth(ckpt, args.config, layers=args.layers, experts=args.experts, profile=args.profile)
     ck, tok = open_checkpoint(ckpt), Tokenizer.load(ckpt)
     rows = []
-    inv = args.batch_invariant or None
+    inv = args.batch_invariant
     for batch in (1, 4):
         plain_ms, plain_ids, _ = run(ck, tok, args.device, batch, args.new, False, ck.config.vocab_size, False, inv)
         spec_ms, spec_ids, spec = run(ck, tok, args.device, batch, args.new, True, ck.config.vocab_size, False, inv)

@@ -436,8 +436,9 @@ def generate(
         bool | None,
         typer.Option(
             "--batch-invariant/--no-batch-invariant",
-            help="Decode on kernels whose result for a sequence does not depend on its batch (Triton engine): the "
-            "same tokens alone or batched, and --speculative mtp exactly plain greedy's in bfloat16 too.",
+            help="Decode on kernels whose result for a sequence does not depend on its batch (Triton engine; the "
+            "default there): the same tokens alone or batched, and --speculative mtp exactly plain greedy's in "
+            "bfloat16 too. --no-batch-invariant: cuBLAS and torch's reductions (faster at batch 1-4).",
         ),
     ] = None,
     speculative: Annotated[

@@ -72,9 +72,10 @@ from .errors import CheckpointError, ConfigError, MissingTensorError, ShardingEr
 from .parallel import Group, check_degree, current_group, local_slice
 from .runtime import rank_device
 
-# Decode on the batch-invariant kernels unless asked otherwise (Triton engine). Off until they have run on a GPU:
-# they are checked under Triton's interpreter only (tests/test_kernels.py); tests/test_gpu.py has their GPU checks.
-BATCH_INVARIANT = False
+# Decode on the batch-invariant kernels unless asked otherwise (Triton engine): a sequence's tokens do not depend on
+# its batch, and speculative decoding gives plain greedy's tokens in bfloat16 too. Checked under Triton's interpreter
+# (tests/test_kernels.py) and on the H100 (tests/test_gpu.py); their speed against cuBLAS: docs/benchmarks.md.
+BATCH_INVARIANT = True
 
 OnLayer = Callable[[int, list[torch.Tensor]], None]
 # Teacher forcing: ``teacher(L, run)`` is called while layer L's weights are loaded; ``run(hidden)`` applies that layer
