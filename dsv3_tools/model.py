@@ -43,12 +43,12 @@ Semantics (where the upstream demo and transformers differ, this follows transfo
   shapes and no host sync, as a CUDA graph needs: the chosen experts through one grouped kernel
   (``kernels/moe_gemm.py``) when the experts are stacked, else every local expert on every row (the chosen outputs
   kept). Eagerly (prefill, ``forward``) the routed experts run sorted by expert, the counts read once per layer.
-- Batch invariance (Triton engine, ``load_model(batch_invariant=True)``): every decode step runs on
-  ``kernels/rowwise.py`` (GEMMs, RMSNorm, the absorbed attention, the experts' weighted sum) and the grouped experts
-  kernel with a fixed row tile, whose result for a row does not depend on how many rows the step has, nor on the
-  attended length beyond the row's own position. So a sequence decodes to the same bits alone or in any batch, and
-  speculative decoding's two rows per sequence give plain decoding's logits. Prefill and ``forward`` keep cuBLAS
-  and torch's reductions (their results need only agree to rounding).
+- Batch invariance (Triton engine; on by default, ``BATCH_INVARIANT``, off with ``load_model(batch_invariant=False)``):
+  every decode step runs on ``kernels/rowwise.py`` (GEMMs, RMSNorm, the absorbed attention, the experts' weighted
+  sum) and the grouped experts kernel with a fixed row tile, whose result for a row does not depend on how many rows
+  the step has, nor on the attended length beyond the row's own position. So a sequence decodes to the same bits
+  alone or in any batch, and speculative decoding's two rows per sequence give plain decoding's logits. Prefill and
+  ``forward`` keep cuBLAS and torch's reductions (their results need only agree to rounding).
 """
 
 from __future__ import annotations

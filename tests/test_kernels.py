@@ -527,6 +527,22 @@ def test_decode_rows_do_not_depend_on_the_batch_under_the_interpreter(tiny_fp8) 
     assert rel < 1e-5, rel
 
 
+@interpreted
+def test_decode_is_batch_invariant_by_default_on_the_triton_engine_only(tiny_fp8) -> None:
+    """The default (run on the H100 before it was turned on, docs/benchmarks.md): the Triton engine decodes on the
+    batch-invariant kernels unless told not to; the torch engine never does, and refuses to be asked."""
+    from dsv3_tools.checkpoint import open_checkpoint
+    from dsv3_tools.errors import ConfigError
+    from dsv3_tools.model import load_model
+
+    ck = open_checkpoint(tiny_fp8)
+    assert load_model(ck, engine="triton", stream=False).env.invariant_decode
+    assert not load_model(ck, engine="triton", stream=False, batch_invariant=False).env.invariant_decode
+    assert not load_model(ck, engine="torch", stream=False).env.invariant_decode
+    with pytest.raises(ConfigError, match="batch-invariant"):
+        load_model(ck, engine="torch", stream=False, batch_invariant=True)
+
+
 _ROWWISE_COMPILE = r"""
 import json
 import torch
