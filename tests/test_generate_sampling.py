@@ -105,6 +105,25 @@ def test_greedy_rows_take_the_argmax() -> None:
     assert next_tokens(logits, [SamplingParams(temperature=0)] * 2, [None, None], [None, None]) == [1, 0]
 
 
+def test_greedy_choice_is_the_first_maximum_in_all_batches() -> None:
+    """Ties and near-ties (one f32 ulp apart): the first largest logit, in an all-greedy batch (chosen where the
+    logits are) and in one with a sampled row (every row on the host in float64); reference: plain Python."""
+    big = 30.0
+    near = float(torch.nextafter(torch.tensor(big), torch.tensor(0.0)))
+    logits = torch.tensor(
+        [[big, 1.0, big, 0.0], [near, big, big, near], [0.0, near, 2.0, big], [-1.0, -2.0, -1.0, -3.0]]
+    )
+    rows = logits.tolist()
+    want = [max(range(4), key=lambda j, r=r: (r[j], -j)) for r in rows]
+    assert want == [0, 1, 3, 0]
+    greedy = SamplingParams(temperature=0)
+    assert next_tokens(logits, [greedy] * 4, [None] * 4, [None] * 4) == want
+    mixed = next_tokens(
+        logits, [greedy] * 3 + [SamplingParams(temperature=1.0)], [None] * 4, [None] * 3 + [make_generator(0)]
+    )
+    assert mixed[:3] == want[:3]
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [

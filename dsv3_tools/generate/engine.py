@@ -77,6 +77,17 @@ class _Sequence:
         )  # fmt: skip
 
 
+def _chooser(seqs: list[_Sequence], logits: torch.Tensor) -> Callable[[int, int], int]:
+    """``pick(i, r)``: greedy sequence i's next token from row r of a step's ``logits``, as ``choose`` makes it,
+    with one copy to the host per step: of every row's argmax when no sequence has a repetition penalty (made where
+    the logits are), else of the logits (the penalty needs the history, token by token)."""
+    if all(s.req.params.repetition_penalty == 1 for s in seqs):
+        best = logits.argmax(-1).tolist()
+        return lambda i, r: best[r]
+    rows = logits.to("cpu", torch.float64)
+    return lambda i, r: seqs[i].choose(rows[r])
+
+
 class Engine:
     """A resident model with its KV cache for ``max_batch`` sequences of up to ``max_len`` tokens."""
 
@@ -231,7 +242,8 @@ class Engine:
             graphs.ensure(len(prompts))  # captured before the prefill: capturing writes cache rows
         t0 = time.perf_counter()
         logits, h = model.prefill(prompts, self.cache, hidden=True)
-        chosen = [s.choose(row) for s, row in zip(seqs, logits.to("cpu", torch.float64))]
+        pick = _chooser(seqs, logits)
+        chosen = [pick(i, i) for i in range(len(seqs))]
         nxt = torch.tensor([t for p, c in zip(prompts, chosen) for t in p[1:] + [c]], device=dev)
         drafts = drafter.prefill(h, nxt, [len(p) for p in prompts], self.cache).argmax(-1).tolist()
         if dev.type == "cuda":
@@ -270,21 +282,21 @@ class Engine:
                 logits, h = graphs.verify(tokens_t, pos_t)
             else:
                 logits, h = model.decode(tokens_t, pos_t, self.cache, max(pos) + 1, slots=slots_t, hidden=True)
-            logits = logits.to("cpu", torch.float64)  # one copy per step (choose would copy row by row)
+            pick = _chooser(seqs, logits)
             after = list(feed)  # the token after each row (the MTP module's input), where known
             used: dict[int, int] = {}  # sequence -> the row whose MTP output is its next draft
             for k, i in enumerate(fed):
                 s = seqs[i]
                 if i not in live:
                     continue
-                token = s.choose(logits[2 * k])
+                token = pick(i, 2 * k)
                 s.drafted += 1
                 emit(i, token)
                 after[2 * k] = after[2 * k + 1] = token
                 used[i] = 2 * k
                 if token == drafts[i] and s.finish is None:
                     s.accepted += 1
-                    second = s.choose(logits[2 * k + 1])
+                    second = pick(i, 2 * k + 1)
                     emit(i, second)
                     after[2 * k + 1] = second
                     used[i] = 2 * k + 1
